@@ -1,0 +1,7 @@
+"""fastmaskformer: MaskFormer training with fused kernels for its expensive parts."""
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402
+from ._ext import build_info  # noqa: E402
+
+__all__ = ["__version__", "build_info", "ops"]

@@ -1,0 +1,27 @@
+"""fastmaskformer.ops: one function per op, the only place that chooses a backend.
+
+Each op is called as ``op(*args, backend="reference"|"auto"|<name>)``; see ``_dispatch``. The
+model, matcher and criterion pass ``backend_for(fused)``.
+"""
+from ._dispatch import Op, backend_for, load_backends
+from .linear_sum_assignment import linear_sum_assignment
+from .mask_logits import mask_logits
+from .mask_loss import mask_loss
+from .matching_cost import matching_cost
+from .semantic_inference import semantic_inference
+
+OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference)}
+
+
+def explain(op: str, *args, backend: str = "auto", **kwargs) -> str:
+    """Which backend ``op`` would run for these arguments, and why each other one would not."""
+    return OPS[op].explain(*args, backend=backend, **kwargs)
+
+
+def available_backends(op: str) -> list:
+    load_backends()
+    return sorted(OPS[op].backends)
+
+
+__all__ = ["OPS", "Op", "available_backends", "backend_for", "explain", "linear_sum_assignment", "mask_logits",
+           "mask_loss", "matching_cost", "semantic_inference"]

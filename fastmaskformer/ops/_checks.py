@@ -1,0 +1,63 @@
+"""Argument checks shared by the ops: every message names the argument, what was expected and what
+was received, so bad input fails here rather than deep inside a kernel."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d tensor, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise TypeError(f"{name}: expected dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    if not items:
+        return
+    k0, t0 = items[0]
+    for k, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{k} is on {t.device} but {k0} is on {t0.device}: put them on one device")
+
+
+def check_finite_scalar(name: str, v) -> None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number, got {type(v).__name__}") from None
+    if f != f or f in (float("inf"), float("-inf")):
+        raise ValueError(f"{name}: expected a finite number, got {f}")
+
+
+def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Sequence, num_classes: int) -> None:
+    """Ragged per-image targets: labels int64 [N_i] in [0, num_classes), masks [N_i, H, W]."""
+    B = pred_logits.shape[0]
+    if not isinstance(tgt_labels, (list, tuple)) or not isinstance(tgt_masks, (list, tuple)):
+        raise TypeError("tgt_labels and tgt_masks: expected lists of tensors, one per image, got "
+                        f"{type(tgt_labels).__name__} and {type(tgt_masks).__name__}")
+    if len(tgt_labels) != B or len(tgt_masks) != B:
+        raise ValueError(f"targets: expected {B} images (batch size of predictions), got "
+                         f"{len(tgt_labels)} label tensors and {len(tgt_masks)} mask tensors")
+    hw = None
+    for i, (lab, m) in enumerate(zip(tgt_labels, tgt_masks)):
+        check_tensor(f"tgt_labels[{i}]", lab, 1, (torch.int64, torch.int32))
+        check_tensor(f"tgt_masks[{i}]", m, 3, MASK_DTYPES)
+        if m.shape[0] != lab.shape[0]:
+            raise ValueError(f"tgt_masks[{i}]: expected {lab.shape[0]} masks (one per label), got shape {tuple(m.shape)}")
+        if hw is None:
+            hw = tuple(m.shape[-2:])
+        elif tuple(m.shape[-2:]) != hw:
+            raise ValueError(f"tgt_masks[{i}]: expected masks padded to the batch size {hw}, got {tuple(m.shape[-2:])}")
+        check_same_device(pred_logits=pred_logits, **{f"tgt_labels[{i}]": lab, f"tgt_masks[{i}]": m})
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise ValueError(f"tgt_labels[{i}]: labels must lie in [0, {num_classes}), got range "
+                             f"[{int(lab.min())}, {int(lab.max())}]")

@@ -1,0 +1,1 @@
+"""The lapjv package as a backend of linear_sum_assignment."""

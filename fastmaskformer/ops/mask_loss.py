@@ -1,0 +1,69 @@
+"""``mask_loss``: sigmoid focal loss and dice loss of matched mask logits against their targets.
+
+The predictions are low-resolution logits [N, h, w]; the targets are [N, H, W] binary masks. The
+reference upsamples the logits bilinearly (align_corners=False) to (H, W) and evaluates the losses
+there, exactly as the official MaskFormer criterion does. Fused backends compute the same thing
+without ever writing the N x H x W upsampled tensor.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_finite_scalar, check_same_device, check_tensor
+from ._dispatch import Op
+
+
+def mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, num_masks: float,
+                        alpha: float = 0.25, gamma: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(loss_mask, loss_dice)``, float32 scalars, both divided by ``num_masks``.
+
+    loss_mask = sum_i mean_p FL(x_ip, t_ip) / num_masks, FL the sigmoid focal loss
+        FL = alpha_t * (1 - p_t)^gamma * BCE(x, t),  p_t = p t + (1-p)(1-t),
+        alpha_t = alpha t + (1-alpha)(1-t)  (alpha < 0 disables the weighting);
+    loss_dice = sum_i [1 - (2 sum_p s_ip t_ip + 1) / (sum_p s_ip + sum_p t_ip + 1)] / num_masks,
+    with x the logits upsampled to the target size and s = sigmoid(x).
+    """
+    if pred_masks.shape[0] == 0:
+        zero = pred_masks.float().sum() * 0.0  # keeps the graph so backward() works on empty batches
+        return zero, zero.clone()
+    x = F.interpolate(pred_masks[:, None].float(), size=target_masks.shape[-2:], mode="bilinear",
+                      align_corners=False)[:, 0].flatten(1)
+    t = target_masks.flatten(1).float()
+    p = x.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    p_t = p * t + (1 - p) * (1 - t)
+    focal = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        focal = (alpha * t + (1 - alpha) * (1 - t)) * focal
+    loss_mask = focal.mean(1).sum() / num_masks
+    dice = 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1)
+    loss_dice = dice.sum() / num_masks
+    return loss_mask, loss_dice
+
+
+def _check(pred_masks, target_masks, num_masks, alpha=0.25, gamma=2.0, **_):
+    check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
+    check_tensor("target_masks", target_masks, 3, MASK_DTYPES)
+    check_same_device(pred_masks=pred_masks, target_masks=target_masks)
+    if target_masks.shape[0] != pred_masks.shape[0]:
+        raise ValueError(f"target_masks: expected {pred_masks.shape[0]} masks (one per prediction), "
+                         f"got shape {tuple(target_masks.shape)}")
+    h, w = pred_masks.shape[-2:]
+    H, W = target_masks.shape[-2:]
+    if pred_masks.shape[0] and (h == 0 or w == 0 or H == 0 or W == 0):
+        raise ValueError(f"pred_masks/target_masks: empty spatial size {(h, w)} -> {(H, W)}")
+    if H < h or W < w:
+        raise ValueError(f"target_masks: expected a size at least the prediction's {(h, w)}, got {(H, W)}")
+    check_finite_scalar("num_masks", num_masks)
+    if float(num_masks) <= 0:
+        raise ValueError(f"num_masks: expected > 0, got {float(num_masks)}")
+    check_finite_scalar("alpha", alpha)
+    check_finite_scalar("gamma", gamma)
+    if float(gamma) < 0:
+        raise ValueError(f"gamma: expected >= 0, got {gamma}")
+
+
+mask_loss = Op("mask_loss", mask_loss_reference, check=_check)

@@ -1,0 +1,1 @@
+"""Triton kernels of fastmaskformer (installed as fastmaskformer.kernels)."""

@@ -1,0 +1,24 @@
+"""Test setup: the Triton interpreter on machines without a GPU (set before triton is imported),
+deterministic seeds, and small shared fixtures."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run on a lent GPU machine)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on the CI CPU")
