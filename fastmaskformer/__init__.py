@@ -3,5 +3,7 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402
 from ._ext import build_info  # noqa: E402
+from .criterion import SetCriterion  # noqa: E402
+from .matcher import HungarianMatcher  # noqa: E402
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["HungarianMatcher", "SetCriterion", "__version__", "build_info", "ops"]

@@ -118,7 +118,7 @@ class Op:
             out.append((b, why, False))
         return out
 
-    def choose(self, backend: str, args: tuple, kwargs: dict) -> Backend:
+    def choose(self, backend: str, args: tuple, kwargs: dict, warn: bool = True) -> Backend:
         if not isinstance(backend, str):
             raise TypeError(f"{self.name}: backend must be a str, got {type(backend).__name__}")
         if backend == "reference":
@@ -147,7 +147,7 @@ class Op:
                 return b
             if install_level:
                 missing.append(f"{b.name}: {why}")
-        if missing:
+        if missing and warn:
             _warn_once(f"fastmaskformer.ops.{self.name}: falling back to the reference because " + "; ".join(missing))
         return self.backends["reference"]
 
@@ -158,7 +158,7 @@ class Op:
             state = "ok" if why is None else ("not installed: " if install_level else "declines: ") + why
             lines.append(f"  {b.name:<10} priority={b.priority:<4} auto_devices={list(b.auto_devices)} {state}")
         try:
-            lines.append(f"  -> {self.choose(backend, args, kwargs).name}")
+            lines.append(f"  -> {self.choose(backend, args, kwargs, warn=False).name}")
         except Exception as exc:
             lines.append(f"  -> error: {exc}")
         if _load_errors:
