@@ -1,0 +1,61 @@
+// CPU vector loops (host code only): 8 float lanes as a GCC vector type.
+//
+// The compiler maps f32x8 to one AVX register in the x86-64-v3 clone of a function marked
+// FMF_CPU_CLONES and to two SSE registers in its baseline clone; the loader picks the clone for the
+// running CPU. Loops over f32x8 vectorize for certain, where auto-vectorization gives up on the
+// selects and polynomial exp/log of fmf/focal_math.h. Buffers are padded to whole vectors.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+// Every f32x8 helper is inlined into its caller, so the ABI of passing one by value never matters
+// (set before fmf/focal_math.h, whose templates are instantiated with f32x8).
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include "fmf/focal_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FMF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FMF_CPU_CLONES
+#endif
+
+namespace fmf {
+namespace simd {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 8;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+inline f32x8 load(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
+
+inline float sum(const f32x8& v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// 1 in the lanes of the vector at element `start` whose index lies below n, else 0 (masks a tail).
+inline f32x8 below(int64_t start, int64_t n) {
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int32_t left = static_cast<int32_t>(n - start < kLanes ? n - start : kLanes);
+  return lane < left ? splat<f32x8>(1.f) : f32x8{};
+}
+
+}  // namespace simd
+
+template <>
+struct VecTraits<simd::f32x8> {
+  using Int = simd::i32x8;
+  static inline __attribute__((always_inline)) simd::f32x8 to_float(const Int& i) { return __builtin_convertvector(i, simd::f32x8); }
+};
+
+}  // namespace fmf
