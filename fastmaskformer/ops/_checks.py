@@ -58,6 +58,11 @@ def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Se
         elif tuple(m.shape[-2:]) != hw:
             raise ValueError(f"tgt_masks[{i}]: expected masks padded to the batch size {hw}, got {tuple(m.shape[-2:])}")
         check_same_device(pred_logits=pred_logits, **{f"tgt_labels[{i}]": lab, f"tgt_masks[{i}]": m})
-        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+    # One reduction (one host sync on CUDA) for the whole batch; the per-image search runs only on failure.
+    if sum(lab.numel() for lab in tgt_labels):
+        lo, hi = torch.stack(torch.cat([lab.reshape(-1) for lab in tgt_labels]).aminmax()).tolist()
+        if lo < 0 or hi >= num_classes:
+            i = next(i for i, lab in enumerate(tgt_labels)
+                     if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes))
             raise ValueError(f"tgt_labels[{i}]: labels must lie in [0, {num_classes}), got range "
-                             f"[{int(lab.min())}, {int(lab.max())}]")
+                             f"[{int(tgt_labels[i].min())}, {int(tgt_labels[i].max())}]")
