@@ -44,6 +44,15 @@ def mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, nu
     return loss_mask, loss_dice
 
 
+def losses_from_stats(stats: torch.Tensor, num_masks: float,
+                      focal_divisor: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss_mask, loss_dice) from the per-mask statistics [N, 4] that fused backends reduce to:
+    (focal, sum_p s t, sum_p s, sum_p t); the focal column is divided by ``focal_divisor`` (the pixel
+    count, for a backend that sums rather than averages it). Differentiable in ``stats``."""
+    dice = 1 - (2 * stats[:, 1] + 1) / (stats[:, 2] + stats[:, 3] + 1)
+    return stats[:, 0].sum() / focal_divisor / num_masks, dice.sum() / num_masks
+
+
 def _check(pred_masks, target_masks, num_masks, alpha=0.25, gamma=2.0, **_):
     check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
     check_tensor("target_masks", target_masks, 3, MASK_DTYPES)

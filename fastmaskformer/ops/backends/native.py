@@ -19,7 +19,7 @@ import torch
 
 from fastmaskformer._ext import native_cuda_error, native_error
 
-from ..mask_loss import mask_loss
+from ..mask_loss import losses_from_stats, mask_loss
 from ..matching_cost import matching_cost
 
 PRIORITY = 10
@@ -53,12 +53,6 @@ def matching_cost_native(pred_logits: torch.Tensor, pred_masks: torch.Tensor, tg
                                                   float(cost_class), float(cost_mask), float(cost_dice),
                                                   float(alpha), float(gamma))
     return cost, sizes
-
-
-def losses_from_stats(stats: torch.Tensor, num_masks) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss_mask, loss_dice) from the per-mask sums [N, 4] of mask_loss_forward (differentiable)."""
-    dice = 1 - (2 * stats[:, 1] + 1) / (stats[:, 2] + stats[:, 3] + 1)
-    return stats[:, 0].sum() / num_masks, dice.sum() / num_masks
 
 
 def mask_loss_native(pred_masks: torch.Tensor, target_masks: torch.Tensor, num_masks: float, alpha: float = 0.25,

@@ -1,1 +1,66 @@
-"""Triton backends of the ops (kernels live in the top-level kernels/ package)."""
+"""Triton backends of the ops (kernels live in the top-level kernels/ package).
+
+"auto" picks them for CUDA tensors only. CPU tensors are taken when the backend is named and the
+kernels were imported under the Triton interpreter (TRITON_INTERPRET=1 set before triton was
+imported, as the tests do), which is how CI checks them without a GPU.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import mask_logits, mask_loss, semantic_inference
+
+_error: Optional[str] = None
+try:
+    from fastmaskformer.kernels._common import INTERPRET
+    from fastmaskformer.kernels.mask_logits import mask_logits as _mask_logits
+    from fastmaskformer.kernels.mask_loss import mask_loss as _mask_loss
+    from fastmaskformer.kernels.semantic_inference import semantic_inference as _semantic_inference
+except Exception as exc:  # triton missing or broken: every triton backend reports this, none is called
+    _error = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
+    INTERPRET = False
+    _mask_logits = _mask_loss = _semantic_inference = None
+
+PRIORITY = 10
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which the kernels index by image
+
+
+def _available() -> Optional[str]:
+    return _error
+
+
+def _device_reason(t: torch.Tensor) -> Optional[str]:
+    """The op's own check has already put every tensor on one device; this says if it is ours."""
+    device = t.device
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if INTERPRET else \
+            "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    return f"Triton kernels run on cuda tensors, got {device}"
+
+
+def _batch_reason(batch: int) -> Optional[str]:
+    return None if batch <= MAX_GRID_Y else f"batch {batch} exceeds the launch grid's {MAX_GRID_Y}"
+
+
+def _supports_mask_loss(pred_masks, target_masks, *_, **__) -> Optional[str]:
+    return _device_reason(pred_masks)
+
+
+def _supports_mask_logits(mask_embed, pixel_embed, **_) -> Optional[str]:
+    return _device_reason(mask_embed) or _batch_reason(pixel_embed.shape[0])
+
+
+def _supports_semantic_inference(pred_logits, pred_masks, *_, **__) -> Optional[str]:
+    if torch.is_grad_enabled() and (pred_logits.requires_grad or pred_masks.requires_grad):
+        return "inference only: it has no backward (run under torch.no_grad() or detach the inputs)"
+    return _device_reason(pred_masks) or _batch_reason(pred_masks.shape[0])
+
+
+for _op, _fn, _supports in ((mask_loss, _mask_loss, _supports_mask_loss),
+                            (mask_logits, _mask_logits, _supports_mask_logits),
+                            (semantic_inference, _semantic_inference, _supports_semantic_inference)):
+    _op.register("triton", _fn, available=_available, supports=_supports, auto_devices=("cuda",), priority=PRIORITY)
