@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._checks import check_tensor
+from ._checks import check_same_device, check_tensor
 from ._dispatch import Op
 
 Assignment = List[Tuple[torch.Tensor, torch.Tensor]]
@@ -54,6 +54,7 @@ def _check(cost, sizes=None, **_):
             check_tensor(f"cost[{b}]", c, 2)
             if not c.is_floating_point():
                 raise TypeError(f"cost[{b}]: expected a floating-point tensor, got {c.dtype}")
+        check_same_device(**{f"cost[{b}]": c for b, c in enumerate(cost)})
         return
     check_tensor("cost", cost, 3)
     if not cost.is_floating_point():
@@ -61,6 +62,10 @@ def _check(cost, sizes=None, **_):
     if sizes is None:
         raise ValueError("sizes: required with a padded [B, Q, Nmax] cost")
     sizes_t = torch.as_tensor(sizes)
+    if sizes_t.is_floating_point() or sizes_t.is_complex() or sizes_t.dtype == torch.bool:
+        raise TypeError(f"sizes: expected an integer tensor, got {sizes_t.dtype}")
+    if sizes_t.device.type not in ("cpu", cost.device.type):
+        raise ValueError(f"sizes is on {sizes_t.device} but cost is on {cost.device}: put sizes on the cpu or with cost")
     if sizes_t.shape != (cost.shape[0],):
         raise ValueError(f"sizes: expected shape ({cost.shape[0]},), got {tuple(sizes_t.shape)}")
     if sizes_t.numel() and (int(sizes_t.min()) < 0 or int(sizes_t.max()) > cost.shape[2]):
