@@ -11,6 +11,7 @@ from conftest import DEVICES
 from fastmaskformer import ops
 from fastmaskformer.ops.backends.triton import INTERPRET
 from tolerances import assert_close
+from backend_checks import assert_rejected_before_backend
 
 ops.load_backends()
 pytestmark = pytest.mark.skipif(
@@ -82,14 +83,7 @@ def _bad_inputs(device):
 @pytest.mark.parametrize("case", range(6))
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_bad_input_raises_before_the_backend_runs(device, case, monkeypatch):
-    what, args, exc, text = _bad_inputs(device)[case]
-
-    def must_not_run(*_, **__):
-        raise AssertionError(f"triton ran on bad input ({what})")
-
-    monkeypatch.setattr(ops.mask_logits.backends["triton"], "fn", must_not_run)
-    with pytest.raises(exc, match=text):
-        ops.mask_logits(*args, backend="triton")
+    assert_rejected_before_backend(ops.mask_logits, "triton", _bad_inputs(device)[case], monkeypatch)
 
 
 @pytest.mark.gpu
