@@ -31,12 +31,17 @@ def average_num_masks(targets: Sequence[Dict], device: torch.device) -> float:
 
 
 def _flat_indices(indices: Indices, device: torch.device):
-    """(batch index, prediction index, target index) of every matched pair, concatenated."""
-    counts = torch.tensor([len(src) for src, _ in indices], dtype=torch.int64)
-    batch = torch.repeat_interleave(torch.arange(len(indices)), counts)
-    src = torch.cat([s.to("cpu") for s, _ in indices]) if indices else torch.zeros(0, dtype=torch.int64)
-    tgt = torch.cat([t.to("cpu") for _, t in indices]) if indices else torch.zeros(0, dtype=torch.int64)
-    return batch.to(device), src.to(device), tgt.to(device), counts
+    """(batch index, prediction index, target index) of every matched pair, concatenated on
+    ``device``. The indices stay where the solver left them until one copy each: no per-image
+    transfer (a per-image sync when the solver ran on the GPU)."""
+    if not indices:
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        return empty, empty, empty
+    counts = torch.tensor([len(src) for src, _ in indices], dtype=torch.int64)  # shapes: host metadata
+    batch = torch.repeat_interleave(torch.arange(len(indices)), counts).to(device)
+    src = torch.cat([s for s, _ in indices]).to(device)
+    tgt = torch.cat([t for _, t in indices]).to(device)
+    return batch, src, tgt
 
 
 class SetCriterion(nn.Module):
@@ -74,7 +79,7 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks: float) -> Dict:
         logits = outputs["pred_logits"]
-        batch, src, tgt, _ = _flat_indices(indices, logits.device)
+        batch, src, tgt = _flat_indices(indices, logits.device)
         labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
         offsets = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]], device=logits.device).cumsum(0)
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
@@ -84,7 +89,7 @@ class SetCriterion(nn.Module):
 
     def loss_masks(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks: float) -> Dict:
         pred = outputs["pred_masks"]
-        batch, src, tgt, counts = _flat_indices(indices, pred.device)
+        batch, src, tgt = _flat_indices(indices, pred.device)
         all_masks = torch.cat([t["masks"] for t in targets]).to(pred.device)
         offsets = torch.tensor([0] + [len(t["masks"]) for t in targets[:-1]], device=pred.device).cumsum(0)
         # Only the matched masks are gathered: N x H x W in the targets' own (byte) dtype.
