@@ -51,8 +51,10 @@ def test_criterion_all_layers(benchmark, B, variant):
     crit = make_criterion(variant)
 
     def step():
-        outputs = {"pred_logits": logits[-1], "pred_masks": masks[-1],
-                   "aux_outputs": [{"pred_logits": logits[i], "pred_masks": masks[i]} for i in range(L - 1)]}
+        # Per-layer outputs as the model makes them: unbound views of one [L, ...] tensor.
+        lg, mk = logits.unbind(0), masks.unbind(0)
+        outputs = {"pred_logits": lg[-1], "pred_masks": mk[-1],
+                   "aux_outputs": [{"pred_logits": lg[i], "pred_masks": mk[i]} for i in range(L - 1)]}
         loss = sum(crit(outputs, targets).values())
         loss.backward()
         logits.grad = masks.grad = None

@@ -54,6 +54,9 @@ class MaskClassificationHead(nn.Module):
         logits = self.class_embed(hs)  # [L, B, Q, K+1]
         mask_embed = self.mask_embed(hs).to(mask_features.dtype)  # [L, B, Q, mask_dim]
         masks = ops.mask_logits(mask_embed, mask_features, backend=backend)  # [L, B, Q, h, w]
+        # unbind, not indexing: its backward stacks the L gradients once, where each of L select
+        # views would allocate a zero-filled [L, B, Q, h, w] gradient of its own.
+        logits, masks = logits.unbind(0), masks.unbind(0)
         out = {"pred_logits": logits[-1], "pred_masks": masks[-1]}
         if aux:
             out["aux_outputs"] = [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]
