@@ -77,3 +77,24 @@ def test_check_runs_before_dispatch():
 def test_reserved_names():
     with pytest.raises(ValueError, match="reserved"):
         Op("o", ref).register("auto", ref)
+
+
+def test_every_backend_is_installed_here():
+    """The backend-parametrized tests run only what is installed; this makes sure that is everything
+    (a triton or _C that fails to load must fail CI, not shrink the test matrix)."""
+    import os
+
+    from fastmaskformer import ops
+    from fastmaskformer.ops.backends.triton import INTERPRET
+
+    ops.load_backends()
+    assert _dispatch._load_errors == {}
+    expected = {"mask_logits": {"triton"}, "mask_loss": {"triton", "native"}, "matching_cost": {"native"},
+                "linear_sum_assignment": {"native", "lapjv"}, "semantic_inference": {"triton"}}
+    for name, backends in expected.items():
+        op = ops.OPS[name]
+        assert backends <= set(op.backends), (name, sorted(op.backends))
+        for b in backends:
+            assert op.backends[b].available() is None, (name, b, op.backends[b].available())
+    if not torch.cuda.is_available():
+        assert INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"

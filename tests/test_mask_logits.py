@@ -14,9 +14,6 @@ from tolerances import assert_close
 from backend_checks import assert_rejected_before_backend
 
 ops.load_backends()
-pytestmark = pytest.mark.skipif(
-    "triton" not in ops.mask_logits.backends or ops.mask_logits.backends["triton"].available() is not None,
-    reason="the triton backend is not installed")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TRITON_DEVICES = [d for d in DEVICES if d == "cuda" or INTERPRET]  # CUDA, and the CPU under the interpreter

@@ -16,10 +16,6 @@ from test_mask_loss import _Allocations
 from backend_checks import assert_rejected_before_backend
 
 ops.load_backends()
-pytestmark = pytest.mark.skipif(
-    "triton" not in ops.semantic_inference.backends
-    or ops.semantic_inference.backends["triton"].available() is not None,
-    reason="the triton backend is not installed")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TRITON_DEVICES = [d for d in DEVICES if d == "cuda" or INTERPRET]  # CUDA, and the CPU under the interpreter
