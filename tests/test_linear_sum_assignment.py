@@ -256,9 +256,12 @@ def _longest_stall_during(fn):
 @pytest.mark.parametrize("backend,B", [("native", 32), ("lapjv", 8)])
 def test_the_gil_is_released_while_solving(backend, B):
     cost, sizes = torch.rand(B, 400, 400), torch.full((B,), 400)  # one call of 30 ms or more
-    took, stall = _longest_stall_during(lambda: lsa(cost, sizes, backend=backend))
-    # Holding the GIL would stall this thread for the whole call; a busy machine alone stalls it
-    # for a few scheduler ticks.
+    # Holding the GIL would stall this thread for the whole call, every time; a busy machine (CI
+    # runs two test workers on two cores) can stall it too, but not on three tries in a row.
+    for _ in range(3):
+        took, stall = _longest_stall_during(lambda: lsa(cost, sizes, backend=backend))
+        if stall < took / 2:
+            break
     assert stall < took / 2, f"{backend}: another Python thread stalled {stall:.3f} s of a {took:.3f} s solve"
 
 
