@@ -1,6 +1,7 @@
 """Test setup: the Triton interpreter on machines without a GPU (set before triton is imported),
 deterministic seeds, and small shared fixtures."""
 import os
+import socket
 
 import pytest
 import torch
@@ -11,6 +12,13 @@ if not torch.cuda.is_available():
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on, for a torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

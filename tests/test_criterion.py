@@ -10,6 +10,7 @@ from fastmaskformer.criterion import SetCriterion, average_num_masks
 from fastmaskformer.matcher import HungarianMatcher
 
 import independent
+from conftest import free_port
 from test_matcher import make_batch
 
 
@@ -112,10 +113,6 @@ def _dist_worker(rank, world, port, counts, out_file):
 
 @pytest.mark.parametrize("counts,expected", [([[3, 4], [1]], 4.0), ([[0], [1]], 1.0)])
 def test_num_masks_is_averaged_across_two_gloo_ranks(tmp_path, counts, expected):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "num_masks.txt"
-    mp.spawn(_dist_worker, args=(2, port, counts, str(out)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), counts, str(out)), nprocs=2, join=True)
     assert float(out.read_text()) == expected

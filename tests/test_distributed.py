@@ -1,24 +1,18 @@
 """Two gloo processes train the debug model with DDP: identical weights on both ranks afterwards,
 and the criterion's num_masks averaged over the ranks."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from fastmaskformer.config import REPO_ROOT, load_config
 
 DEBUG = os.path.join(REPO_ROOT, "configs", "debug.yaml")
 WORLD = 2
 TARGETS_PER_RANK = (1, 4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _targets(n: int, size: int = 64):
@@ -56,7 +50,7 @@ def _worker(rank: int, out: str, port: int) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp"))
-    mp.spawn(_worker, args=(out, _free_port()), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(out, free_port()), nprocs=WORLD, join=True)
     return out, [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
