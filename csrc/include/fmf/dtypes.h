@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "fmf/index_rules.h"  // FMF_HD
 
@@ -42,6 +43,22 @@ inline MaskKind mask_kind(c10::ScalarType dtype, const char* what) {
       return MaskKind::kBFloat16;
     default:
       TORCH_CHECK_TYPE(false, what, ": expected dtype bool, uint8, float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// Calls f(std::integral_constant<MaskKind, K>{}) with the runtime kind as a compile-time K, so a
+// host kernel can pick the instantiation of a template on the mask dtype in one place.
+template <class F>
+decltype(auto) visit_mask_kind(MaskKind kind, F&& f) {
+  switch (kind) {
+    case MaskKind::kByte:
+      return f(std::integral_constant<MaskKind, MaskKind::kByte>{});
+    case MaskKind::kFloat:
+      return f(std::integral_constant<MaskKind, MaskKind::kFloat>{});
+    case MaskKind::kHalf:
+      return f(std::integral_constant<MaskKind, MaskKind::kHalf>{});
+    default:
+      return f(std::integral_constant<MaskKind, MaskKind::kBFloat16>{});
   }
 }
 

@@ -68,16 +68,7 @@ void load_targets(const void* masks, int64_t offset, int64_t n, float* out) {
 using LoadTargetsFn = void (*)(const void*, int64_t, int64_t, float*);
 
 LoadTargetsFn load_targets_for(MaskKind kind) {
-  switch (kind) {
-    case MaskKind::kByte:
-      return load_targets<MaskKind::kByte>;
-    case MaskKind::kFloat:
-      return load_targets<MaskKind::kFloat>;
-    case MaskKind::kHalf:
-      return load_targets<MaskKind::kHalf>;
-    default:
-      return load_targets<MaskKind::kBFloat16>;
-  }
+  return visit_mask_kind(kind, [](auto k) -> LoadTargetsFn { return load_targets<decltype(k)::value>; });
 }
 
 // The bilinear taps of every target row and column, and the split of low-resolution rows into blocks.

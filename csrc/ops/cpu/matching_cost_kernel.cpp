@@ -91,16 +91,7 @@ void gather_targets(const ImageTargets& img, const int64_t* src, int64_t pixels,
 using GatherFn = void (*)(const ImageTargets&, const int64_t*, int64_t, int64_t, float*, float*);
 
 GatherFn gather_for(MaskKind kind) {
-  switch (kind) {
-    case MaskKind::kByte:
-      return gather_targets<MaskKind::kByte>;
-    case MaskKind::kFloat:
-      return gather_targets<MaskKind::kFloat>;
-    case MaskKind::kHalf:
-      return gather_targets<MaskKind::kHalf>;
-    default:
-      return gather_targets<MaskKind::kBFloat16>;
-  }
+  return visit_mask_kind(kind, [](auto k) -> GatherFn { return gather_targets<decltype(k)::value>; });
 }
 
 // softmax(z) = exp(z - max) / denom for one query's class logits z[0, C).
