@@ -1,7 +1,11 @@
-"""Loading fastmaskformer._C, the C++/CUDA extension, and describing what it holds.
+"""Loading fastmaskformer._C, the C++/CUDA extension, and registering what torch needs to know about
+its ops: the one place that does so, like torchvision's ``_register_*`` blocks.
 
-Importing this module never fails: when the extension is missing or does not load against the
-installed torch, ``native_error()`` says why and the native backends report it as their reason.
+For every ``torch.ops.fastmaskformer.*`` op built from csrc/ this module registers its fake (meta)
+kernel, so torch.compile and torch.export trace it without running it, and, where the op has a
+backward, its autograd formula. Importing this module never fails: when the extension is missing or
+does not load against the installed torch, ``native_error()`` says why and the native backends of
+``fastmaskformer.ops`` report it as their reason.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ try:
 except Exception as exc:  # not built, or built against another torch
     _error = f"fastmaskformer._C is not available ({type(exc).__name__}: {exc}); build it with `make build` " \
              f"or `pip install --no-build-isolation -e .`"
+
+MASK_LOSS_STATS = 4  # columns of the per-mask statistics (see fastmaskformer.ops._mask_loss)
 
 
 def native_error() -> Optional[str]:
@@ -38,15 +44,46 @@ def build_info() -> dict:
     return {"available": True, **_C.build_info()}
 
 
+def _register_matching_cost() -> None:
+    @torch.library.register_fake("fastmaskformer::matching_cost")
+    def _fake(pred_logits, pred_masks, tgt_labels, tgt_masks, cost_class, cost_mask, cost_dice, alpha, gamma):
+        n_max = max((m.shape[0] for m in tgt_masks), default=0)
+        return pred_logits.new_empty((pred_logits.shape[0], pred_logits.shape[1], n_max), dtype=torch.float32)
+
+
+def _register_mask_loss() -> None:
+    @torch.library.register_fake("fastmaskformer::mask_loss_forward")
+    def _forward_fake(pred_masks, target_masks, alpha, gamma):
+        return pred_masks.new_empty((pred_masks.shape[0], MASK_LOSS_STATS), dtype=torch.float32)
+
+    @torch.library.register_fake("fastmaskformer::mask_loss_backward")
+    def _backward_fake(grad_stats, pred_masks, target_masks, alpha, gamma):
+        return pred_masks.new_empty(pred_masks.shape)
+
+    def setup_context(ctx, inputs, output):
+        pred_masks, target_masks, alpha, gamma = inputs
+        ctx.save_for_backward(pred_masks, target_masks)
+        ctx.alpha, ctx.gamma = alpha, gamma
+
+    def backward(ctx, grad_stats):
+        # Targets are data: no gradient flows to them.
+        pred_masks, target_masks = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastmaskformer.mask_loss_backward(grad_stats, pred_masks, target_masks,
+                                                               ctx.alpha, ctx.gamma)
+        return grad, None, None, None
+
+    torch.library.register_autograd("fastmaskformer::mask_loss_forward", backward, setup_context=setup_context)
+
+
+def _register_linear_sum_assignment() -> None:
+    @torch.library.register_fake("fastmaskformer::linear_sum_assignment")
+    def _fake(cost, sizes):
+        return cost.new_empty((2, cost.shape[0] * min(cost.shape[1], cost.shape[2])), dtype=torch.int64)
+
+
 if _C is not None:
-    # Fake (meta) kernels: output shapes for torch.compile / torch.export, no data touched.
-    @torch.library.register_fake("fastmaskformer::resize_nearest")
-    def _resize_nearest_fake(masks, out_h, out_w):
-        return masks.new_empty((masks.shape[0], out_h, out_w))
-
-
-def resize_nearest(masks: torch.Tensor, size) -> torch.Tensor:
-    """F.interpolate(masks[:, None], size, mode="nearest")[:, 0] for a [N, H, W] stack of any dtype."""
-    if _error is not None:
-        raise RuntimeError(_error)
-    return torch.ops.fastmaskformer.resize_nearest(masks, int(size[0]), int(size[1]))
+    _register_matching_cost()
+    _register_mask_loss()
+    _register_linear_sum_assignment()

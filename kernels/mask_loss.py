@@ -7,8 +7,8 @@ Never materialized: any N x H x W float tensor (upsampled logits, probabilities,
 per-pixel gradients), forward or backward. Targets are read in their own dtype (bool as bytes)
 and converted to fp32 in registers, so soft float targets give the reference's loss.
 
-The op computes per-mask sums S[n] = (sum focal, sum p*t, sum p, sum t) over the H x W pixels;
-the losses are tiny torch expressions of S, so autograd hands backward dL/dS[n] and the kernel
+The op ``sums`` computes per-mask sums S[n] = (sum focal, sum p*t, sum p, sum t) over the H x W
+pixels (the statistics contract of every mask-loss backend); the losses are tiny torch expressions of S, so autograd hands backward dL/dS[n] and the kernel
 needs no knowledge of how the sums were combined:
     dL/dx_pixel = gF * dfocal/dx + (gPT * t + gP) * p (1 - p),   (gF, gPT, gP) = dL/dS[n, :3],
     dL/dpred = Wy^T (dL/dx) Wx   with Wy [H, h], Wx [W, w] the bilinear interpolation matrices.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from fastmaskformer.ops.mask_loss import losses_from_stats
 
 from ._common import bilinear_sample, configs, dot_precision, fit_configs, linear_taps, op_with_autograd, plain_op, \
     scale, wrap_triton
@@ -217,10 +215,3 @@ def _backward(ctx, grad_sums):
 
 sums_backward = plain_op("fastmaskformer::mask_loss_sums_backward", _sums_backward)
 sums = op_with_autograd("fastmaskformer::mask_loss_sums", _sums, _backward, _setup_context)
-
-
-def mask_loss(pred_masks: torch.Tensor, target_masks: torch.Tensor, num_masks: float, alpha: float = 0.25,
-              gamma: float = 2.0):
-    """``ops.mask_loss`` on the fused kernels: (loss_mask, loss_dice), float32 scalars with grad_fn."""
-    s = sums(pred_masks, target_masks, float(alpha), float(gamma))
-    return losses_from_stats(s, num_masks, focal_divisor=target_masks.shape[-2] * target_masks.shape[-1])

@@ -14,7 +14,8 @@ from fastmaskformer import ops
 from fastmaskformer.ops import _dispatch
 
 ops.load_backends()
-from fastmaskformer.ops.backends.native import losses_from_stats, mask_loss_native, matching_cost_native
+from fastmaskformer.ops._mask_loss import losses_from_stats
+from fastmaskformer.ops.backends.native import mask_loss_native, matching_cost_native
 
 C = torch.ops.fastmaskformer
 
@@ -93,8 +94,8 @@ def test_compiles_fullgraph_with_autograd():
 
 
 def test_losses_from_stats_formula():
-    stats = torch.tensor([[0.5, 2.0, 3.0, 4.0], [0.25, 0.0, 1.0, 0.0]])
-    loss_mask, loss_dice = losses_from_stats(stats, 2.0)
+    stats = torch.tensor([[2.0, 2.0, 3.0, 4.0], [1.0, 0.0, 1.0, 0.0]])  # focal sums over 4 pixels
+    loss_mask, loss_dice = losses_from_stats(stats, 2.0, pixels=4)
     assert loss_mask.item() == pytest.approx(0.375)
     assert loss_dice.item() == pytest.approx(((1 - 5 / 8) + (1 - 1 / 2)) / 2)
 

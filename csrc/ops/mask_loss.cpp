@@ -1,11 +1,11 @@
 // Schema of the native mask loss: per-mask statistics of the upsampled predictions, and their
-// backward as an op of its own (autograd glue: fastmaskformer/ops/backends/native.py).
+// backward as an op of its own (fake kernels and autograd: fastmaskformer/_ext.py).
 //
 //   mask_loss_forward(pred_masks [N, h, w] float32/float16/bfloat16, target_masks [N, H, W] bool,
 //                     uint8 or float) -> float32 [N, 4]: per mask, with x the logits upsampled
 //       bilinearly (align_corners=False) to (H, W), s = sigmoid(x), t the target:
-//       (mean over pixels of the sigmoid focal loss, sum s t, sum s, sum t).
-//       loss_mask and loss_dice are then sums over these rows (see mask_loss.py).
+//       the sums over the H x W pixels of (sigmoid focal loss, s t, s, t): the one statistics
+//       contract of every mask-loss backend (fastmaskformer/ops/_mask_loss.py turns them into losses).
 //   mask_loss_backward(grad_stats [N, 4], pred_masks, target_masks) -> d/d pred_masks, in the
 //       dtype of pred_masks, scattered straight into the low-resolution logits.
 #include <torch/library.h>

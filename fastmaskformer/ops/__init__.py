@@ -4,11 +4,11 @@ Each op is called as ``op(*args, backend="reference"|"auto"|<name>)``; see ``_di
 model, matcher and criterion pass ``backend_for(fused)``.
 """
 from ._dispatch import Op, backend_for, load_backends
-from .linear_sum_assignment import linear_sum_assignment
-from .mask_logits import mask_logits
-from .mask_loss import mask_loss
-from .matching_cost import matching_cost
-from .semantic_inference import semantic_inference
+from ._linear_sum_assignment import linear_sum_assignment
+from ._mask_logits import mask_logits
+from ._mask_loss import mask_loss
+from ._matching_cost import matching_cost
+from ._semantic_inference import semantic_inference
 
 OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference)}
 

@@ -27,7 +27,7 @@ import torch
 
 # Modules under fastmaskformer.ops.backends that register fused backends when imported. A module
 # that fails to import is recorded, and explain() shows the error.
-_BACKEND_MODULES = ("triton", "native", "native_lap", "lapjv")
+_BACKEND_MODULES = ("triton", "native", "lapjv")
 _loaded = False
 _load_errors: Dict[str, str] = {}
 _lock = threading.Lock()

@@ -31,7 +31,7 @@ using simd::f32x8;
 using simd::kLanes;
 using simd::round_up;
 
-constexpr int kStats = 4;  // per mask: focal mean, sum s t, sum s, sum t
+constexpr int kStats = 4;  // per mask: sums over the pixels of focal, s t, s and t
 
 // Adds one row's focal loss sum, sum s t, sum s and sum t to acc (x and t padded to whole vectors).
 FMF_CPU_CLONES void row_stats(const float* x, const float* t, int64_t n, float alpha, float gamma, double* acc) {
@@ -156,14 +156,12 @@ at::Tensor mask_loss_forward_cpu(const at::Tensor& pred_masks, const at::Tensor&
     });
   });
   float* out = stats.data_ptr<float>();
-  const double pixels = static_cast<double>(p.H * p.W);
   for (int64_t n = 0; n < N; ++n) {
     double acc[kStats] = {0.0, 0.0, 0.0, 0.0};
     for (int64_t k = 0; k < p.blocks; ++k) {
       for (int s = 0; s < kStats; ++s) acc[s] += partial[(n * p.blocks + k) * kStats + s];
     }
-    out[n * kStats] = static_cast<float>(acc[0] / pixels);
-    for (int s = 1; s < kStats; ++s) out[n * kStats + s] = static_cast<float>(acc[s]);
+    for (int s = 0; s < kStats; ++s) out[n * kStats + s] = static_cast<float>(acc[s]);
   }
   return stats;
 }
@@ -183,7 +181,6 @@ at::Tensor mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor
   const Plan p = make_plan(pred, target);
   const float* gs = g_stats.data_ptr<float>();
   float* out = grad.data_ptr<float>();
-  const float inv_pixels = 1.f / static_cast<float>(p.H * p.W);
   FMF_DISPATCH_FLOAT(pred.scalar_type(), "mask_loss_backward_cpu", [&] {
     const scalar_t* x = pred.data_ptr<scalar_t>();
     at::parallel_for(0, N * p.blocks, 1, [&](int64_t begin, int64_t end) {
@@ -197,7 +194,7 @@ at::Tensor mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor
           if (!own0 && !own1) continue;
           load_row(p, x, n, Y, rows);
           row_grad(rows.x.data(), rows.t.data(), p.W, static_cast<float>(alpha), static_cast<float>(gamma),
-                   g[0] * inv_pixels, g[1], g[2], rows.g.data());
+                   g[0], g[1], g[2], rows.g.data());
           std::fill(rows.low.begin(), rows.low.end(), 0.f);
           for (int64_t X = 0; X < p.W; ++X) {
             rows.low[p.x0[X]] += p.wx0[X] * rows.g[X];

@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ..linear_sum_assignment import Assignment, as_problems, check_problem
-from ..linear_sum_assignment import linear_sum_assignment as op
+from .._linear_sum_assignment import Assignment, as_problems, check_problem
+from .._linear_sum_assignment import linear_sum_assignment as op
 
 try:
     import lapjv as _lapjv

@@ -10,18 +10,20 @@ from typing import Optional
 
 import torch
 
-from .. import mask_logits, mask_loss, semantic_inference
+from .._mask_logits import mask_logits
+from .._mask_loss import losses_from_stats, mask_loss
+from .._semantic_inference import semantic_inference
 
 _error: Optional[str] = None
 try:
     from fastmaskformer.kernels._common import INTERPRET
     from fastmaskformer.kernels.mask_logits import mask_logits as _mask_logits
-    from fastmaskformer.kernels.mask_loss import mask_loss as _mask_loss
+    from fastmaskformer.kernels.mask_loss import sums as _mask_loss_sums
     from fastmaskformer.kernels.semantic_inference import semantic_inference as _semantic_inference
 except Exception as exc:  # triton missing or broken: every triton backend reports this, none is called
     _error = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
     INTERPRET = False
-    _mask_logits = _mask_loss = _semantic_inference = None
+    _mask_logits = _mask_loss_sums = _semantic_inference = None
 
 PRIORITY = 10
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which the kernels index by image
@@ -44,6 +46,12 @@ def _device_reason(t: torch.Tensor) -> Optional[str]:
 
 def _batch_reason(batch: int) -> Optional[str]:
     return None if batch <= MAX_GRID_Y else f"batch {batch} exceeds the launch grid's {MAX_GRID_Y}"
+
+
+def _mask_loss(pred_masks: torch.Tensor, target_masks: torch.Tensor, num_masks, alpha: float = 0.25,
+               gamma: float = 2.0):
+    stats = _mask_loss_sums(pred_masks, target_masks, float(alpha), float(gamma))
+    return losses_from_stats(stats, num_masks, target_masks.shape[-2] * target_masks.shape[-1])
 
 
 def _supports_mask_loss(pred_masks, target_masks, *_, **__) -> Optional[str]:

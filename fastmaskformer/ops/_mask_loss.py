@@ -44,13 +44,15 @@ def mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, nu
     return loss_mask, loss_dice
 
 
-def losses_from_stats(stats: torch.Tensor, num_masks: float,
-                      focal_divisor: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(loss_mask, loss_dice) from the per-mask statistics [N, 4] that fused backends reduce to:
-    (focal, sum_p s t, sum_p s, sum_p t); the focal column is divided by ``focal_divisor`` (the pixel
-    count, for a backend that sums rather than averages it). Differentiable in ``stats``."""
+def losses_from_stats(stats: torch.Tensor, num_masks, pixels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss_mask, loss_dice) from the per-mask statistics that every fused backend reduces to.
+
+    The one contract: ``stats`` is float32 [N, 4] whose row n holds, over the ``pixels`` = H x W
+    pixels of mask n, the sums of (focal loss, s t, s, t), s the sigmoid of the upsampled logits and
+    t the target. Differentiable in ``stats``: a backend's backward receives d/d(stats).
+    """
     dice = 1 - (2 * stats[:, 1] + 1) / (stats[:, 2] + stats[:, 3] + 1)
-    return stats[:, 0].sum() / focal_divisor / num_masks, dice.sum() / num_masks
+    return stats[:, 0].sum() / pixels / num_masks, dice.sum() / num_masks
 
 
 def _check(pred_masks, target_masks, num_masks, alpha=0.25, gamma=2.0, **_):
