@@ -8,9 +8,11 @@ from ._linear_sum_assignment import linear_sum_assignment
 from ._mask_logits import mask_logits
 from ._mask_loss import mask_loss
 from ._matching_cost import matching_cost
+from ._ms_deform_attn import ms_deform_attn
 from ._semantic_inference import semantic_inference
 
-OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference)}
+OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference,
+                              ms_deform_attn)}
 
 
 def explain(op: str, *args, backend: str = "auto", **kwargs) -> str:
@@ -24,4 +26,4 @@ def available_backends(op: str) -> list:
 
 
 __all__ = ["OPS", "Op", "available_backends", "backend_for", "explain", "linear_sum_assignment", "mask_logits",
-           "mask_loss", "matching_cost", "semantic_inference"]
+           "mask_loss", "matching_cost", "ms_deform_attn", "semantic_inference"]
