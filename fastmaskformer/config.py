@@ -28,8 +28,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """The arguments of :class:`fastmaskformer.MaskFormer` (``num_classes`` comes from the data)."""
+    """The model class and its arguments (``num_classes`` comes from the data); see
+    ``fastmaskformer.engine.build``."""
 
+    meta_architecture: Literal["maskformer", "mask2former"] = "maskformer"
+    """Model class: "maskformer" (fastmaskformer.MaskFormer) or "mask2former" (fastmaskformer.Mask2Former)."""
     backbone: str = "resnet18"
     """Backbone: "resnet18", "resnet50", "resnet101" or "swin_tiny" (see fastmaskformer.modeling.backbone)."""
     pretrained: Optional[str] = None

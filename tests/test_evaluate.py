@@ -144,7 +144,7 @@ TINY = ["model.backbone=resnet18", "model.num_queries=4", "model.hidden_dim=32",
 def test_cli_evaluates_a_checkpoint_of_the_real_model(tmp_path, monkeypatch, extra):
     import fastmaskformer.evaluate as ev
     from fastmaskformer.config import load_config
-    from fastmaskformer.engine.trainer import build_model
+    from fastmaskformer.engine.build import build_model
     from fastmaskformer.evaluate import main
 
     monkeypatch.setattr(ev, "MULTI_SCALES", (0.5, 1.0))  # the official six scales cost seconds of CPU here

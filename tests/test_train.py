@@ -16,7 +16,7 @@ from fastmaskformer.engine import checkpoint as ckpt
 from fastmaskformer.engine.data import EpochSeeded, ResumableSampler, ShardSampler, TrainBatches
 from fastmaskformer.engine.metrics import MetricsWriter, read_metrics
 from fastmaskformer.engine.optim import build_optimizer, build_scheduler, lr_factor
-from fastmaskformer.engine.trainer import build_model
+from fastmaskformer.engine.build import build_model
 from fastmaskformer.train import main
 
 DEBUG = os.path.join(REPO_ROOT, "configs", "debug.yaml")
@@ -254,3 +254,97 @@ def test_samplers_split_the_data_between_ranks():
     assert not set(epoch[0]) & set(epoch[1]) and len(epoch[0]) == len(epoch[1]) == 5
     shards = [list(ShardSampler(7, r, 3)) for r in range(3)]
     assert sorted(i for s in shards for i in s) == list(range(7))
+
+
+# ------------------------------------------------------------------ model building and module layering
+def test_build_model_builds_the_configured_maskformer():
+    import fastmaskformer
+
+    cfg = load_config(DEBUG, ["data.num_classes=5", "model.num_queries=3", "model.dec_layers=2"])
+    model = build_model(cfg, thing_classes=[4, 1])
+    assert type(model) is fastmaskformer.MaskFormer
+    assert model.num_classes == 5 and model.thing_classes == (1, 4)
+    assert model.head.class_embed.out_features == 6 and model.transformer_decoder.query_embed.weight.shape[0] == 3
+    out = model(torch.rand(1, 3, 64, 64))
+    assert out["pred_logits"].shape == (1, 3, 6) and len(out["aux_outputs"]) == 1
+
+
+class _FakeMask2Former(nn.Module):
+    """Stands in for fastmaskformer.Mask2Former: takes a subset of MaskFormer's options."""
+
+    def __init__(self, num_classes, backbone="resnet50", num_queries=100, dec_layers=9, fused=False,
+                 thing_classes=None):
+        super().__init__()
+        self.kwargs = dict(num_classes=num_classes, backbone=backbone, num_queries=num_queries, dec_layers=dec_layers,
+                           fused=fused, thing_classes=thing_classes)
+
+
+def test_build_model_selects_mask2former_by_name(monkeypatch):
+    import fastmaskformer
+
+    monkeypatch.setattr(fastmaskformer, "Mask2Former", _FakeMask2Former, raising=False)
+    cfg = load_config(None, ["model.meta_architecture=mask2former", "model.num_queries=7", "model.dec_layers=4",
+                             "model.fused=true", "data.num_classes=3"])
+    model = build_model(cfg, thing_classes=[0])
+    assert isinstance(model, _FakeMask2Former)
+    assert model.kwargs == dict(num_classes=3, backbone="resnet18", num_queries=7, dec_layers=4, fused=True,
+                                thing_classes=[0])
+    # An option this class does not take may not be set: it would silently do nothing.
+    with pytest.raises(ConfigError, match=r"model.pixel_decoder: _FakeMask2Former has no such option.*transformer_enc"):
+        build_model(load_config(None, ["model.meta_architecture=mask2former",
+                                       "model.pixel_decoder=transformer_encoder"]))
+
+
+def test_build_model_without_mask2former_says_so(monkeypatch):
+    import fastmaskformer
+
+    monkeypatch.delattr(fastmaskformer, "Mask2Former", raising=False)
+    with pytest.raises(ConfigError, match="model.meta_architecture: 'mask2former' needs fastmaskformer.Mask2Former"):
+        build_model(load_config(None, ["model.meta_architecture=mask2former"]))
+    with pytest.raises(ConfigError, match="model.meta_architecture"):
+        load_config(None, ["model.meta_architecture=detr"])
+
+
+ENGINE_FILES = ["fastmaskformer/train.py", "fastmaskformer/evaluate.py"] + sorted(
+    os.path.relpath(p, REPO_ROOT) for p in __import__("glob").glob(os.path.join(REPO_ROOT, "fastmaskformer", "engine",
+                                                                              "*.py")))
+
+
+def _package_imports(path):
+    """(module-level?, imported fastmaskformer module) for every import of the package in ``path``."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(REPO_ROOT, path)).read())
+    package = ".".join(path[:-3].split("/")[:-1])
+    top = {id(n) for n in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            names = [name] + [f"{name}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(id(node) in top, n) for n in names if n.startswith("fastmaskformer")]
+    return found
+
+
+@pytest.mark.parametrize("path", ENGINE_FILES)
+def test_engine_imports_are_module_level_and_point_down(path):
+    imports = _package_imports(path)
+    assert [n for top, n in imports if not top] == [], "function-level imports hide import cycles"
+    if path.startswith("fastmaskformer/engine/"):  # the engine never imports the entry points above it
+        assert not [n for _, n in imports if n.split(".")[:2] in (["fastmaskformer", "evaluate"],
+                                                                  ["fastmaskformer", "train"])]
+
+
+@pytest.mark.parametrize("first", ["fastmaskformer.evaluate", "fastmaskformer.engine.trainer", "fastmaskformer.train"])
+def test_entry_points_import_in_any_order(first):
+    import subprocess
+    import sys
+
+    code = f"import {first}; import fastmaskformer.evaluate, fastmaskformer.train; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

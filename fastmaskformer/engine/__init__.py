@@ -1,10 +1,12 @@
-"""The training engine: loop, optimizer and schedule, checkpoints, distributed setup, data loading,
-metrics and pictures. ``train(cfg)`` is what ``python -m fastmaskformer.train`` runs."""
+"""The training engine: model building, loop, evaluation loop, optimizer and schedule, checkpoints,
+distributed setup, data loading, metrics and pictures. ``train(cfg)`` is what ``python -m fastmaskformer.train`` runs."""
 from __future__ import annotations
 
 from typing import Dict
 
+from .build import build_model
 from .distributed import cleanup
+from .evaluator import run_evaluation
 from .trainer import Trainer
 
 
@@ -16,4 +18,4 @@ def train(cfg) -> Dict:
         cleanup()
 
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer", "build_model", "run_evaluation", "train"]

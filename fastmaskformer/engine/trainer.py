@@ -21,12 +21,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .. import MaskFormer
 from ..config import Config, ConfigError, save_config, to_dict
 from ..data import build_dataset
 from . import checkpoint as ckpt
+from .build import build_model
 from .data import TrainBatches, val_loader
 from .distributed import all_gather_object, barrier, broadcast_object, init_distributed
+from .evaluator import run_evaluation
 from .metrics import MetricsWriter
 from .optim import build_optimizer, build_scheduler
 from .visualize import save_comparison
@@ -49,10 +50,6 @@ def _configure_runtime(cfg: Config, rank: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, thing_classes=None) -> MaskFormer:
-    return MaskFormer(num_classes=cfg.data.num_classes, thing_classes=thing_classes, **to_dict(cfg)["model"])
 
 
 class Trainer:
@@ -230,8 +227,6 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict:
         """Validation metrics (mIoU ... or PQ ...) over all ranks' shards, logged with a "val/" prefix."""
-        from ..evaluate import run_evaluation
-
         with ckpt.preserved_rng():
             results = run_evaluation(self.model, self.val_loader, task=self.cfg.data.task,
                                      num_classes=self.cfg.data.num_classes, ignore_label=self.cfg.data.ignore_label,
