@@ -35,7 +35,7 @@ install: $(VENV)/.installed.stamp
 # Rebuild fastmaskformer._C in place whenever a C++/CUDA source changes. flock keeps two builds
 # from writing the same objects at once.
 # The compiler lines go to build/build.log; its tail is shown if the build fails.
-.build.stamp: $(VENV)/.installed.stamp $(CSRC) setup.py
+.build.stamp: $(VENV)/.installed.stamp $(CSRC) setup.py build_config.py
 	@mkdir -p build
 	@echo "building fastmaskformer._C (CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) MAX_JOBS=$(MAX_JOBS))"
 	@flock .build.lock $(PY) setup.py -q build_ext --inplace > build/build.log 2>&1 \

@@ -3,7 +3,9 @@
 The extension is built from every source under csrc/: ``*.cpp`` always, ``*.cu`` only when a CUDA
 build of torch and nvcc are both present. ``FASTMASKFORMER_CUDA=1`` forces the CUDA part (and fails
 loudly if it cannot be built), ``FASTMASKFORMER_CUDA=0`` skips it. Set TORCH_CUDA_ARCH_LIST and
-MAX_JOBS to control what nvcc builds and how many compilers run at once (the Makefile does).
+MAX_JOBS to control what nvcc builds and how many compilers run at once (the Makefile does). With
+TORCH_CUDA_ARCH_LIST unset and no GPU visible (build hosts, CI), the default is every architecture
+the installed torch was built for (see build_config.cuda_arch_list).
 """
 import glob
 import os
@@ -12,6 +14,10 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_config sits next to this file; pip may run it from elsewhere
+
+import build_config  # noqa: E402
+
 VERSION = "0.1.0"
 
 
@@ -41,6 +47,20 @@ def _want_cuda():
     return True
 
 
+def _set_cuda_arch_list():
+    """Give torch's cpp_extension an architecture list when it has none and no GPU to ask."""
+    from torch.utils import cpp_extension
+
+    try:
+        value, why = build_config.cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                                                 *build_config.probe_cuda_archs(cpp_extension.CUDA_HOME))
+    except ValueError as e:
+        sys.exit(f"fastmaskformer: {e}")
+    if value is not None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = value
+    print(f"fastmaskformer: {why}")
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -52,6 +72,8 @@ def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     with_cuda = _want_cuda()
+    if with_cuda:
+        _set_cuda_arch_list()
     cxx = ["-O3", "-fopenmp", f'-DFMF_VERSION="{VERSION}"']
     kwargs = dict(
         name="fastmaskformer._C",
@@ -99,7 +121,8 @@ setup(
     cmdclass=_cmdclass(),
     install_requires=["torch>=2.6", "torchvision", "timm>=0.9", "scipy", "numpy", "pyyaml", "tqdm", "pillow"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ninja"],
+        # transformers, safetensors and pycocotools are test oracles (reference models, COCO AP).
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ninja", "transformers", "safetensors", "pycocotools"],
         "lapjv": ["lapjv"],
     },
     entry_points={"console_scripts": ["fastmaskformer-train=fastmaskformer.train:main"]},
