@@ -4,6 +4,10 @@ A checkpoint is written to a temporary file in the destination directory, flushe
 then renamed over the final name with ``os.replace`` (atomic on POSIX) and the directory entry
 fsynced: a reader sees either the previous complete file or the new complete file, never a torn
 one. Periodic checkpoints are ``checkpoint_<iteration:07d>.pth``; the newest ``keep_last`` stay.
+
+Files can still break outside our control (a copy that stopped half way, a full disk on another
+tool's write, a file that is not a checkpoint at all): ``load`` turns every such failure into a
+:class:`CheckpointError` naming the file, and ``load_newest`` falls back to older checkpoints.
 """
 from __future__ import annotations
 
@@ -12,10 +16,18 @@ import os
 import random
 import re
 import tempfile
-from typing import Dict, List, Tuple
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng", "data_position")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read, or that does not hold what it should."""
+
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pth$")
 _TMP_PREFIX = ".tmp_"
@@ -70,9 +82,38 @@ def prune(output_dir: str, keep_last: int) -> None:
                 os.unlink(os.path.join(output_dir, name))
 
 
-def load(path: str) -> Dict:
-    # weights_only: a checkpoint holds tensors and plain Python values only (see rng_state).
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load(path: str, required: Tuple[str, ...] = ()) -> Dict:
+    """The dict saved in ``path``; CheckpointError (naming the file and the cause) when it cannot be
+    read or lacks one of the ``required`` keys."""
+    try:
+        # weights_only: a checkpoint holds tensors and plain Python values only (see rng_state).
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torn zip, garbage bytes, unpickling refusal, missing file: all "cannot load"
+        raise CheckpointError(f"{path}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                              ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got a {type(state).__name__}")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: expected a checkpoint with {list(required)}, it lacks {missing}")
+    return state
+
+
+def load_newest(output_dir: str) -> Optional[Tuple[str, Dict]]:
+    """(path, state) of the newest periodic checkpoint in ``output_dir`` that loads as a training
+    checkpoint, warning about each newer one that does not; None when there is no checkpoint, and
+    CheckpointError listing every file tried and its error when none loads."""
+    failures = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load(path, TRAINING_KEYS)
+        except CheckpointError as e:
+            failures.append(str(e))
+            warnings.warn(f"resume: skipping {e}; trying an older checkpoint", RuntimeWarning, stacklevel=2)
+    if failures:
+        raise CheckpointError(f"resume: no checkpoint in {output_dir} could be loaded; tried, newest first:\n  "
+                              + "\n  ".join(failures))
+    return None
 
 
 def rng_state() -> Dict:

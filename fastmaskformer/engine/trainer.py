@@ -139,12 +139,20 @@ class Trainer:
         barrier()
 
     def resume(self) -> bool:
-        """Load the newest checkpoint in output_dir (the main process picks it); False if there is none."""
-        found = ckpt.list_checkpoints(self.output_dir) if self.dist.is_main else None
-        path = broadcast_object(found[-1][1] if found else None)
+        """Load the newest checkpoint in output_dir that loads (the main process picks it, warning
+        about newer ones it skips); False if there is none, CheckpointError if none loads."""
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = ckpt.load_newest(self.output_dir)
+            except ckpt.CheckpointError as e:
+                error = str(e)
+        path, error = broadcast_object((found[0] if found else None, error))
+        if error is not None:  # every rank stops with the same message
+            raise ckpt.CheckpointError(error)
         if path is None:
             return False
-        self.load_state_dict(ckpt.load(path))
+        self.load_state_dict(found[1] if found else ckpt.load(path, ckpt.TRAINING_KEYS))
         if self.dist.is_main:
             tqdm.write(f"resumed from {path} at iteration {self.iteration}")
         return True
