@@ -5,6 +5,6 @@ from . import ops  # noqa: E402
 from ._ext import build_info  # noqa: E402
 from .criterion import SetCriterion  # noqa: E402
 from .matcher import HungarianMatcher  # noqa: E402
-from .modeling import MaskFormer  # noqa: E402
+from .modeling import Mask2Former, MaskFormer  # noqa: E402
 
-__all__ = ["HungarianMatcher", "MaskFormer", "SetCriterion", "__version__", "build_info", "ops"]
+__all__ = ["HungarianMatcher", "Mask2Former", "MaskFormer", "SetCriterion", "__version__", "build_info", "ops"]

@@ -1,9 +1,9 @@
-"""Post-processing of one image's MaskFormer outputs into semantic, panoptic or instance results.
+"""Post-processing of MaskFormer / Mask2Former outputs into semantic, panoptic or instance results.
 
-Every function takes ``pred_logits`` [Q, K+1] (class logits, the last column is "no object") and
-``pred_masks`` [Q, H, W] mask logits, already at the output size for panoptic and instance (the
-semantic one can upsample them itself, see :func:`semantic_inference`). They compute in float32
-whatever the input dtype.
+Every function takes one image's ``pred_logits`` [Q, K+1] (class logits, the last column is "no
+object") and ``pred_masks`` [Q, H, W] mask logits, already at the output size for panoptic and
+instance; the semantic one also takes a batch [B, Q, K+1], [B, Q, h, w] and can upsample the masks
+itself (see :func:`semantic_inference`). They compute in float32 whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ from . import ops
 from .ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 
 
-def _check_outputs(pred_logits, pred_masks) -> None:
-    check_tensor("pred_logits", pred_logits, 2, FLOAT_DTYPES)
-    check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
+def _check_outputs(pred_logits, pred_masks, batched: bool = False) -> None:
+    """One image's [Q, K+1] and [Q, H, W], or with ``batched`` a batch's [B, Q, K+1] and [B, Q, H, W]."""
+    check_tensor("pred_logits", pred_logits, 2 + batched, FLOAT_DTYPES)
+    check_tensor("pred_masks", pred_masks, 3 + batched, FLOAT_DTYPES)
     check_same_device(pred_logits=pred_logits, pred_masks=pred_masks)
-    if pred_masks.shape[0] != pred_logits.shape[0]:
-        raise ValueError(f"pred_masks: expected {pred_logits.shape[0]} masks (one per query of pred_logits), "
+    if pred_masks.shape[:1 + batched] != pred_logits.shape[:1 + batched]:
+        expected = (f"[B, Q] = {tuple(pred_logits.shape[:2])} masks" if batched
+                    else f"{pred_logits.shape[0]} masks")
+        raise ValueError(f"pred_masks: expected {expected} (one per query of pred_logits), "
                          f"got shape {tuple(pred_masks.shape)}")
-    if pred_logits.shape[1] < 2:
-        raise ValueError(f"pred_logits: expected [Q, K+1] with K >= 1 (the last column is no-object), "
-                         f"got shape {tuple(pred_logits.shape)}")
+    if pred_logits.shape[-1] < 2:
+        raise ValueError(f"pred_logits: expected {'[B, Q, K+1]' if batched else '[Q, K+1]'} with K >= 1 (the last "
+                         f"column is no-object), got shape {tuple(pred_logits.shape)}")
 
 
 def _is_thing(labels: torch.Tensor, thing_classes: Optional[Collection[int]]) -> torch.Tensor:
@@ -39,11 +42,16 @@ def semantic_inference(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
                        output_size: Optional[Sequence[int]] = None, fused: bool = False) -> torch.Tensor:
     """Per-class scores [K, H, W] = sum_q softmax(logits_q)[:K] * sigmoid(upsampled mask_q).
 
-    ``pred_masks`` may be at any resolution: they are bilinearly upsampled to ``output_size``
-    (default: their own size). With ``fused=True`` the upsampled probabilities are never stored.
+    One image ([Q, K+1], [Q, h, w] -> [K, H, W]) or a batch ([B, Q, K+1], [B, Q, h, w] -> [B, K, H, W],
+    one op call for all images). ``pred_masks`` may be at any resolution: they are bilinearly upsampled
+    to ``output_size`` (default: their own size). With ``fused=True`` the upsampled probabilities are
+    never stored.
     """
-    _check_outputs(pred_logits, pred_masks)
+    batched = isinstance(pred_logits, torch.Tensor) and pred_logits.dim() == 3
+    _check_outputs(pred_logits, pred_masks, batched)
     size = tuple(pred_masks.shape[-2:]) if output_size is None else tuple(output_size)
+    if batched:
+        return ops.semantic_inference(pred_logits, pred_masks, size, backend=ops.backend_for(fused))
     return ops.semantic_inference(pred_logits[None], pred_masks[None], size, backend=ops.backend_for(fused))[0]
 
 

@@ -50,6 +50,26 @@ def test_semantic_matches_independent_loops(output_size):
     assert_close(out, torch.from_numpy(expected), what="semantic scores")
 
 
+def test_semantic_batch_is_one_op_call_matching_independent_loops(monkeypatch):
+    """[B, Q, K+1], [B, Q, h, w] -> [B, K, H, W], each image as the independent per-image formula, in
+    a single call of the op (the batched predict() relies on it)."""
+    from fastmaskformer import ops
+    calls = []
+    original = ops.semantic_inference
+    monkeypatch.setattr(ops, "semantic_inference", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    logits, masks = torch.randn(2, 3, 5), torch.randn(2, 3, 4, 5)
+    out = semantic_inference(logits, masks, (7, 9))
+    assert calls == [(2, 3, 5)] and out.shape == (2, 4, 7, 9)
+    for b in range(2):
+        prob = softmax_np(logits[b].double().numpy())[:, :-1]
+        sig = np.stack([independent.sigmoid(independent.bilinear_resize(m, (7, 9))) for m in masks[b].double().numpy()])
+        assert_close(out[b], torch.from_numpy(np.einsum("qk,qhw->khw", prob, sig)), what=f"semantic scores of image {b}")
+    with pytest.raises(ValueError, match="pred_masks: expected a 4-d"):
+        semantic_inference(logits, masks[0])
+    with pytest.raises(ValueError, match="pred_masks: expected \\[B, Q\\] = \\(2, 3\\) masks"):
+        semantic_inference(logits, masks[:, :2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_semantic_fused_and_low_precision_agree_with_reference(dtype):
     logits, masks = torch.randn(4, 6), torch.randn(4, 5, 3)
@@ -184,7 +204,7 @@ def test_instance_low_precision_matches_float32():
 def test_bad_inputs_raise_clear_errors(fn):
     logits, masks = torch.randn(3, 4), torch.randn(3, 5, 5)
     with pytest.raises(ValueError, match="pred_logits: expected a 2-d"):
-        fn(logits[None], masks)
+        fn(logits[None, None], masks)
     with pytest.raises(TypeError, match="pred_masks: expected dtype"):
         fn(logits, masks > 0)
     with pytest.raises(ValueError, match="pred_masks: expected 3 masks"):
