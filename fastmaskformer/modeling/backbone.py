@@ -65,9 +65,6 @@ class Backbone(nn.Module):
             path = os.fspath(pretrained)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"pretrained: no weights file at {path!r}")
-            # timm reads the file (and applies the model's own checkpoint conversion); a file
-            # source never touches the network.
-            load = dict(pretrained=True, pretrained_cfg_overlay=dict(file=path))
         self.name = name
         try:
             self.body = timm.create_model(name, features_only=True, out_indices=recipe.out_indices,
@@ -83,6 +80,9 @@ class Backbone(nn.Module):
             n: FeatureSpec(c, s) for n, c, s in zip(FEATURE_NAMES, channels, strides)}
         self.channels_last = recipe.channels_last
         self.norms = nn.ModuleList(nn.LayerNorm(c) for c in channels) if recipe.channels_last else None
+        if pretrained is not None:  # timm, torchvision, detectron2, fastmaskformer layouts (fastmaskformer.convert)
+            from ..convert import load_backbone_weights
+            load_backbone_weights(self, path)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         feats = self.body(images)
