@@ -83,7 +83,32 @@ def _register_linear_sum_assignment() -> None:
         return cost.new_empty((2, cost.shape[0] * min(cost.shape[1], cost.shape[2])), dtype=torch.int64)
 
 
+def _register_ms_deform_attn() -> None:
+    @torch.library.register_fake("fastmaskformer::ms_deform_attn_forward")
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        B, _, heads, dh = value.shape
+        return value.new_empty((B, sampling_locations.shape[1], heads * dh))
+
+    @torch.library.register_fake("fastmaskformer::ms_deform_attn_backward")
+    def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+                attention_weights.new_empty(attention_weights.shape))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_output):
+        # One op computes all three gradients (they share every bilinear read); the level sizes and
+        # offsets are integers and get none.
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        grads = torch.ops.fastmaskformer.ms_deform_attn_backward(grad_output, value, shapes, starts, locations, weights)
+        return grads[0], None, None, grads[1], grads[2]
+
+    torch.library.register_autograd("fastmaskformer::ms_deform_attn_forward", backward, setup_context=setup_context)
+
+
 if _C is not None:
     _register_matching_cost()
     _register_mask_loss()
     _register_linear_sum_assignment()
+    _register_ms_deform_attn()

@@ -162,3 +162,30 @@ def split_pairs(pairs: torch.Tensor, counts: List[int]) -> Assignment:
 # measured yet (no GPU was lent): benchmarks/test_bench_linear_sum_assignment.py times both.
 linear_sum_assignment.register("native", linear_sum_assignment_native, available=native_error,
                                supports=_supports_linear_sum_assignment, priority=30)
+
+
+# ---- ms_deform_attn ----
+
+from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402  (this op's block)
+
+
+def level_shape_tensor(spatial_shapes, device) -> torch.Tensor:
+    """spatial_shapes as the int64 [L, 2] tensor the kernels read (a tuple of (h, w) pairs is copied)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes
+    return torch.tensor(level_shapes(spatial_shapes), dtype=torch.int64, device=device).reshape(-1, 2)
+
+
+def ms_deform_attn_native(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """The CPU kernel (csrc/ops/cpu/ms_deform_attn_kernel.cpp); its backward is the op's registered
+    autograd, so no [B*heads, dh, Lq, L*P] sample tensor exists in either pass."""
+    return torch.ops.fastmaskformer.ms_deform_attn_forward(value, level_shape_tensor(spatial_shapes, value.device),
+                                                           level_start_index, sampling_locations, attention_weights)
+
+
+def _supports_ms_deform_attn(value, *_, **__) -> Optional[str]:
+    return _device_reason(value, ("cpu",))
+
+
+ms_deform_attn.register("native", ms_deform_attn_native, available=native_error, supports=_supports_ms_deform_attn,
+                        auto_devices=("cpu",), priority=PRIORITY)

@@ -72,3 +72,29 @@ for _op, _fn, _supports in ((mask_loss, _mask_loss, _supports_mask_loss),
                             (mask_logits, _mask_logits, _supports_mask_logits),
                             (semantic_inference, _semantic_inference, _supports_semantic_inference)):
     _op.register("triton", _fn, available=_available, supports=_supports, auto_devices=("cuda",), priority=PRIORITY)
+
+
+# ---- ms_deform_attn ----
+
+from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402  (this op's block)
+
+try:
+    from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
+except Exception as exc:  # noqa: BLE001  (reported as the backend's reason, like the kernels above)
+    _ms_deform_attn_kernel, _ms_deform_attn_error = None, f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
+else:
+    _ms_deform_attn_error = _error
+
+
+def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    if not isinstance(spatial_shapes, torch.Tensor):  # the kernels read the sizes from an int64 [L, 2] tensor
+        spatial_shapes = torch.tensor(level_shapes(spatial_shapes), dtype=torch.int64, device=value.device).reshape(-1, 2)
+    return _ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _supports_ms_deform_attn(value, *_, **__) -> Optional[str]:
+    return _device_reason(value)
+
+
+ms_deform_attn.register("triton", _ms_deform_attn, available=lambda: _ms_deform_attn_error,
+                        supports=_supports_ms_deform_attn, auto_devices=("cuda",), priority=PRIORITY)
