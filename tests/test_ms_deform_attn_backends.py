@@ -56,7 +56,9 @@ def _run(backend, args, grad_out=None, upcast=False):
     out = OP(leaves[0], ss, starts, leaves[1], leaves[2], backend=backend)
     if grad_out is None:  # rounded to the inputs' dtype, so an upcast reference sees the same values
         grad_out = torch.randn(out.shape, device=out.device).to(value.dtype)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype)) if out.numel() else [torch.zeros_like(t) for t in leaves]
+    if out.numel() == 0:
+        return out, [torch.zeros_like(t) for t in leaves], grad_out
+    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return out, grads, grad_out
 
 
@@ -109,7 +111,8 @@ def test_special_points(backend, device, where):
     shapes, B, Lq, heads, P = [(5, 7), (3, 3), (1, 4), (8, 2)], 1, 6, 2, 4
     centre = lambda size, n: (torch.randint(0, size, n) + 0.5) / size  # noqa: E731
     if where == "borders":
-        pick = lambda size, n: torch.where(torch.rand(n) < 0.7, BORDER[torch.randint(0, 4, n)], centre(size, n))  # noqa: E731
+        def pick(size, n):
+            return torch.where(torch.rand(n) < 0.7, BORDER[torch.randint(0, 4, n)], centre(size, n))
     else:
         pick = centre
     value, ss, starts, _, weights = _inputs(B, shapes, heads, 9, Lq, P, device)
@@ -185,16 +188,21 @@ def _cpp_errors():
     f, b = C.ms_deform_attn_forward, C.ms_deform_attn_backward
     return [
         ("value rank", lambda: f(value[0], ss, starts, loc, weights), ValueError, "value: expected a 4-d"),
-        ("dtype mix", lambda: f(value, ss, starts, loc.double(), weights), TypeError, "sampling_locations: expected the dtype"),
+        ("dtype mix", lambda: f(value, ss, starts, loc.double(), weights), TypeError,
+         "sampling_locations: expected the dtype"),
         ("value dtype", lambda: f(value.double(), ss, starts, loc.double(), weights.double()), TypeError,
          "value: expected dtype float32"),
-        ("shapes dtype", lambda: f(value, ss.int(), starts, loc, weights), TypeError, "spatial_shapes: expected dtype int64"),
-        ("empty level", lambda: f(value, torch.tensor([[3, 4], [0, 2]]), starts, loc, weights), ValueError, "H_l, W_l >= 1"),
+        ("shapes dtype", lambda: f(value, ss.int(), starts, loc, weights), TypeError,
+         "spatial_shapes: expected dtype int64"),
+        ("empty level", lambda: f(value, torch.tensor([[3, 4], [0, 2]]), starts, loc, weights), ValueError,
+         "H_l, W_l >= 1"),
         ("starts", lambda: f(value, ss, torch.tensor([0, 11]), loc, weights), ValueError, "level_start_index: level 1"),
         ("rows", lambda: f(value[:, 1:], ss, starts, loc, weights), ValueError, "value: expected 16 rows"),
-        ("levels", lambda: f(value, ss, starts, loc[:, :, :, :1], weights), ValueError, "sampling_locations: expected shape"),
+        ("levels", lambda: f(value, ss, starts, loc[:, :, :, :1], weights), ValueError,
+         "sampling_locations: expected shape"),
         ("weights", lambda: f(value, ss, starts, loc, weights[:, :1]), ValueError, "attention_weights: expected shape"),
-        ("grad shape", lambda: b(grad[:, :4], value, ss, starts, loc, weights), ValueError, "grad_output: expected shape"),
+        ("grad shape", lambda: b(grad[:, :4], value, ss, starts, loc, weights), ValueError,
+         "grad_output: expected shape"),
     ]
 
 

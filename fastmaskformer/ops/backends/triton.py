@@ -76,19 +76,31 @@ for _op, _fn, _supports in ((mask_loss, _mask_loss, _supports_mask_loss),
 
 # ---- ms_deform_attn ----
 
-from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402  (this op's block)
+import functools  # noqa: E402  (this op's block)
+
+from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402
 
 try:
     from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
-except Exception as exc:  # noqa: BLE001  (reported as the backend's reason, like the kernels above)
-    _ms_deform_attn_kernel, _ms_deform_attn_error = None, f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
+except Exception as exc:  # triton missing or broken: reported as this backend's reason
+    _ms_deform_attn_kernel = None
+    _ms_deform_attn_error: Optional[str] = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
 else:
-    _ms_deform_attn_error = _error
+    _ms_deform_attn_error = None
+
+
+@functools.lru_cache(maxsize=64)
+def _level_sizes(sizes: tuple, device: torch.device) -> torch.Tensor:
+    """The (h, w) pairs as the int64 [L, 2] tensor the kernels read, copied to the device once per
+    layout: a host-to-device copy of pageable memory waits for the stream, so not one per call."""
+    return torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2)
 
 
 def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if not isinstance(spatial_shapes, torch.Tensor):  # the kernels read the sizes from an int64 [L, 2] tensor
-        spatial_shapes = torch.tensor(level_shapes(spatial_shapes), dtype=torch.int64, device=value.device).reshape(-1, 2)
+    if not isinstance(spatial_shapes, torch.Tensor):
+        sizes = level_shapes(spatial_shapes)
+        spatial_shapes = torch.tensor(sizes, dtype=torch.int64, device=value.device).reshape(-1, 2) \
+            if torch.compiler.is_compiling() else _level_sizes(sizes, value.device)  # compiled: a graph constant
     return _ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
