@@ -164,6 +164,35 @@ def test_every_layer_output_goes_through_the_shared_norm_and_heads(model):
                      what=f"mask logits of layer {i}")
 
 
+@pytest.mark.parametrize("overrides, top_in, count, digest", [
+    (dict(), 512, 211, "7b59148092abee38eab661d994d8718dc5f32ef4"),
+    (dict(pixel_decoder="transformer_encoder", enc_layers=1), 64, 223, "da940297705404cb0d65038a2e848abaead1ebad"),
+])
+def test_state_dict_keys_are_pinned(overrides, top_in, count, digest):
+    """Checkpoint converters rely on these names: the keys, their order and shapes are those of the
+    MaskFormer before the family refactor (digest of [(key, shape), ...])."""
+    import hashlib
+    sd = small_model(**overrides).state_dict()
+    for key, shape in [("backbone.body.conv1.weight", (64, 3, 7, 7)), ("pixel_decoder.top_conv.0.weight", (64, top_in, 3, 3)),
+                       ("pixel_decoder.lateral_convs.2.1.bias", (64,)), ("pixel_decoder.mask_features.weight", (64, 64, 3, 3)),
+                       ("transformer_decoder.decoder.layers.2.cross_attn.in_proj_weight", (192, 64)),
+                       ("transformer_decoder.decoder.norm.weight", (64,)), ("transformer_decoder.query_embed.weight", (10, 64)),
+                       ("head.class_embed.weight", (K + 1, 64)), ("head.mask_embed.layers.2.bias", (64,)),
+                       ("criterion.empty_weight", (K + 1,))]:
+        assert tuple(sd[key].shape) == shape, key
+    assert len(sd) == count
+    assert hashlib.sha1(repr([(k, tuple(v.shape)) for k, v in sd.items()]).encode()).hexdigest() == digest
+
+
+def test_predict_runs_semantic_op_once_per_batch(model, monkeypatch):
+    calls = []
+    original = ops.semantic_inference
+    monkeypatch.setattr(ops, "semantic_inference", lambda *a, **k: calls.append(tuple(a[0].shape)) or original(*a, **k))
+    out = model.predict([torch.rand(3, 40, 50), torch.rand(3, 20, 30)], "semantic")
+    assert calls == [(2, 10, K + 1)]
+    assert out[0]["sem_seg"].shape == (K, 40, 50) and out[1]["sem_seg"].shape == (K, 20, 30)
+
+
 @pytest.mark.parametrize("num_classes, overrides, paper", [
     (150, dict(), 41e6),  # R50, ADE20K-150 (Table 1 of the paper)
     (133, dict(pixel_decoder="transformer_encoder", enc_layers=6), 45e6),  # R50, COCO panoptic
