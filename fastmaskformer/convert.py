@@ -244,7 +244,7 @@ def _tensors(obj, path: str) -> State:
     out = {}
     for k, v in obj.items():
         if isinstance(v, np.ndarray):
-            v = torch.from_numpy(np.ascontiguousarray(v))
+            v = torch.from_numpy(np.array(v, order="C", copy=True))  # keeps 0-d arrays 0-d
         if isinstance(v, torch.Tensor):
             out[str(k)] = v
     return out
