@@ -20,28 +20,88 @@ from . import ops
 from .matcher import HungarianMatcher, Indices, check_outputs, split_targets
 
 
-def average_num_masks(targets: Sequence[Dict], device: torch.device) -> float:
-    """Total targets in the batch, summed over ranks and divided by the world size, clamped >= 1."""
-    n = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device)
-    world = 1
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        world = dist.get_world_size()
-    return float(torch.clamp(n / world, min=1).item())
+def average_num_masks(targets: Sequence[Dict], device: torch.device):
+    """Total targets in the batch, summed over ranks and divided by the world size, clamped >= 1.
+
+    The count comes from the targets' shapes (host metadata, no sync). Under torch.distributed the
+    sum over ranks stays on the device as a 0-d tensor, so the step still waits for the device only
+    once; the losses divide by it all the same.
+    """
+    n = float(sum(len(t["labels"]) for t in targets))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.full((), n, dtype=torch.float32, device=device)  # a fill, not a host-to-device copy
+        dist.all_reduce(total)
+        return torch.clamp(total / dist.get_world_size(), min=1)
+    return max(n, 1.0)
 
 
-def _flat_indices(indices: Indices, device: torch.device):
-    """(batch index, prediction index, target index) of every matched pair, concatenated on
-    ``device``. The indices stay where the solver left them until one copy each: no per-image
-    transfer (a per-image sync when the solver ran on the GPU)."""
-    if not indices:
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        return empty, empty, empty
-    counts = torch.tensor([len(src) for src, _ in indices], dtype=torch.int64)  # shapes: host metadata
-    batch = torch.repeat_interleave(torch.arange(len(indices)), counts).to(device)
-    src = torch.cat([s for s, _ in indices]).to(device)
-    tgt = torch.cat([t for _, t in indices]).to(device)
-    return batch, src, tgt
+class _StepTargets:
+    """The targets of one step, gathered once for every decoder layer: all labels [T] and masks
+    [T, H, W] concatenated on the predictions' device, and where each image's targets start (host
+    ints, from the shapes)."""
+
+    def __init__(self, targets: Sequence[Dict], device: torch.device):
+        labels, masks = split_targets(targets)
+        self.sizes = [int(lab.shape[0]) for lab in labels]
+        self.starts = [0]
+        for n in self.sizes[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        self.labels = torch.cat(labels).to(device, torch.int64) if labels else torch.zeros(0, dtype=torch.int64,
+                                                                                               device=device)
+        self._masks, self._device = masks, device
+        self._masks_cat = None
+
+    @property
+    def masks(self) -> torch.Tensor:
+        """[T, H, W] in the targets' own dtype (bytes stay bytes); concatenated on first use."""
+        if self._masks_cat is None:
+            self._masks_cat = torch.cat(list(self._masks)).to(self._device)
+        return self._masks_cat
+
+
+class _Matches:
+    """The matched pairs of every decoder layer as flat device tensors: image, prediction and
+    target (an index into the step's concatenated targets) per pair, and each layer's slice.
+
+    Built once per step. When the solver ran on the host, all indices travel to the device in one
+    pinned, non-blocking copy; when it ran on the device, only the host-made image ids and target
+    offsets do. No per-layer or per-image transfer, and no read of a device value."""
+
+    def __init__(self, indices_per_layer: Sequence[Indices], step: _StepTargets, device: torch.device):
+        counts = [int(src.shape[0]) for layer in indices_per_layer for src, _ in layer]  # shapes: host metadata
+        B = len(step.sizes)
+        self.bounds = [0]
+        for layer in range(len(indices_per_layer)):
+            self.bounds.append(self.bounds[-1] + sum(counts[layer * B:(layer + 1) * B]))
+        total = self.bounds[-1]
+        image = torch.arange(B).repeat(len(indices_per_layer)).repeat_interleave(torch.tensor(counts, dtype=torch.int64)) \
+            if counts else torch.zeros(0, dtype=torch.int64)
+        start = torch.tensor(step.starts, dtype=torch.int64)[image] if B else image
+        pairs = [p for layer in indices_per_layer for p in layer]
+        solver_device = pairs[0][0].device if pairs else torch.device("cpu")
+        if solver_device.type == "cpu":
+            host = torch.empty((4, total), dtype=torch.int64, pin_memory=device.type == "cuda")
+            host[0], host[1] = image, start
+            if pairs:
+                torch.cat([src for src, _ in pairs], out=host[2])
+                torch.cat([tgt for _, tgt in pairs], out=host[3])
+            flat = host.to(device, non_blocking=True)
+            self.image, start, src, tgt = flat.unbind(0)
+        else:
+            host = torch.stack([image, start])
+            if device.type == "cuda":
+                host = host.pin_memory()
+            meta = host.to(device, non_blocking=True)
+            self.image, start = meta[0], meta[1]
+            src = torch.cat([s for s, _ in pairs]).to(device)
+            tgt = torch.cat([t for _, t in pairs]).to(device)
+        self.src = src
+        self.target = start + tgt
+
+    def layer(self, i: int):
+        """(image, prediction, target) index tensors of decoder layer ``i``: views, no copy."""
+        lo, hi = self.bounds[i], self.bounds[i + 1]
+        return self.image[lo:hi], self.src[lo:hi], self.target[lo:hi]
 
 
 class SetCriterion(nn.Module):
@@ -77,29 +137,32 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = self.eos_coef
         self.register_buffer("empty_weight", empty_weight)
 
-    def loss_labels(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks: float) -> Dict:
+    def loss_labels(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks) -> Dict:
+        step = _StepTargets(targets, outputs["pred_logits"].device)
+        return self._loss_labels(outputs, step, _Matches([indices], step, step.labels.device).layer(0))
+
+    def loss_masks(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks) -> Dict:
+        step = _StepTargets(targets, outputs["pred_masks"].device)
+        image, src, tgt = _Matches([indices], step, step.labels.device).layer(0)
+        return self._loss_masks(outputs, step.masks[tgt], image, src, num_masks)
+
+    def get_loss(self, loss: str, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks) -> Dict:
+        return {"labels": self.loss_labels, "masks": self.loss_masks}[loss](outputs, targets, indices, num_masks)
+
+    def _loss_labels(self, outputs: Dict, step: _StepTargets, matched) -> Dict:
         logits = outputs["pred_logits"]
-        batch, src, tgt = _flat_indices(indices, logits.device)
-        labels = torch.cat([t["labels"] for t in targets]).to(logits.device)
-        offsets = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]], device=logits.device).cumsum(0)
+        image, src, tgt = matched
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[batch, src] = labels[offsets[batch] + tgt].long()
+        target_classes[image, src] = step.labels[tgt]
         loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight.float())
         return {"loss_ce": loss_ce}
 
-    def loss_masks(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks: float) -> Dict:
-        pred = outputs["pred_masks"]
-        batch, src, tgt = _flat_indices(indices, pred.device)
-        all_masks = torch.cat([t["masks"] for t in targets]).to(pred.device)
-        offsets = torch.tensor([0] + [len(t["masks"]) for t in targets[:-1]], device=pred.device).cumsum(0)
-        # Only the matched masks are gathered: N x H x W in the targets' own (byte) dtype.
-        target_masks = all_masks[offsets[batch] + tgt]
-        loss_mask, loss_dice = ops.mask_loss(pred[batch, src], target_masks, num_masks, self.focal_alpha,
-                                             self.focal_gamma, backend=ops.backend_for(self.fused))
+    def _loss_masks(self, outputs: Dict, target_masks: torch.Tensor, image: torch.Tensor, src: torch.Tensor,
+                    num_masks) -> Dict:
+        # target_masks: only the matched masks, N x H x W in the targets' own (byte) dtype.
+        loss_mask, loss_dice = ops.mask_loss(outputs["pred_masks"][image, src], target_masks, num_masks,
+                                             self.focal_alpha, self.focal_gamma, backend=ops.backend_for(self.fused))
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
-
-    def get_loss(self, loss: str, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks: float) -> Dict:
-        return {"labels": self.loss_labels, "masks": self.loss_masks}[loss](outputs, targets, indices, num_masks)
 
     def forward(self, outputs: Dict, targets: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         check_outputs(outputs)
@@ -111,13 +174,30 @@ class SetCriterion(nn.Module):
         layers += list(outputs.get("aux_outputs", []))
         # Every layer is matched against the same targets; the solver sees all L x B problems at once.
         indices_per_layer = self.matcher.match_layers(layers, targets)
-        num_masks = average_num_masks(targets, outputs["pred_logits"].device)
+        return self.losses_from_matches(layers, targets, indices_per_layer)
+
+    def losses_from_matches(self, layers: Sequence[Dict], targets: Sequence[Dict],
+                            indices_per_layer: Sequence[Indices]) -> Dict[str, torch.Tensor]:
+        """The losses of every decoder layer given its matched indices: the part of ``forward``
+        after the matcher, with no host sync and no graph break (``torch.compile(fullgraph=True)``
+        traces it). ``layers[0]`` is the last decoder layer, ``layers[1:]`` the aux outputs."""
+        device = layers[0]["pred_logits"].device
+        step = _StepTargets(targets, device)
+        matches = _Matches(indices_per_layer, step, device)
+        num_masks = average_num_masks(targets, device)
+        if "masks" in self.losses:  # every layer's matched target masks in one gather
+            target_masks = step.masks[matches.target].split(
+                [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])])
         losses: Dict[str, torch.Tensor] = {}
-        for i, (layer, indices) in enumerate(zip(layers, indices_per_layer)):
+        for i, layer in enumerate(layers):
             suffix = "" if i == 0 else f"_{i - 1}"
+            image, src, tgt = matches.layer(i)
             for loss in self.losses:
-                for k, v in self.get_loss(loss, layer, targets, indices, num_masks).items():
-                    losses[k + suffix] = v
+                if loss == "labels":
+                    out = self._loss_labels(layer, step, (image, src, tgt))
+                else:
+                    out = self._loss_masks(layer, target_masks[i], image, src, num_masks)
+                losses.update({k + suffix: v for k, v in out.items()})
         return losses
 
     def extra_repr(self) -> str:

@@ -2,9 +2,13 @@
 
 The cost of every (query, target) pair is ``cost_class * class + cost_mask * focal + cost_dice *
 dice`` (see ``fastmaskformer.ops.matching_cost``); each image is solved as a linear assignment.
-With ``fused=True`` the cost of the whole batch comes from one batched call, and the assignments of
-all images (and of all decoder layers, through :meth:`HungarianMatcher.match_layers`) are solved in
-one batched call: one host synchronization per training step instead of one per image and layer.
+With ``fused=True`` the cost of the whole batch comes from one batched call per decoder layer, and
+the assignments of all images and layers (:meth:`HungarianMatcher.match_layers`) are solved in one
+batched call. Nothing in between reads a tensor's values on the host: the targets are checked once
+for all layers from their shapes, and label values and non-finite predictions surface as NaN
+costs, which the solver rejects and the matcher then explains. So the host waits for the device
+once per step: when the costs go to the host solver, or, with the CUDA solver, when it reports
+its status.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops._checks import check_tensor
+from .ops._checks import check_label_values, check_tensor
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,6 +47,11 @@ def split_targets(targets: Sequence[Dict]) -> Tuple[List[torch.Tensor], List[tor
         labels.append(t["labels"])
         masks.append(t["masks"])
     return labels, masks
+
+
+def _signature(out: Dict) -> tuple:
+    """What the cost's argument checks look at in one layer's predictions."""
+    return tuple((t.shape, t.dtype, t.device) for t in (out["pred_logits"], out["pred_masks"]))
 
 
 class HungarianMatcher(nn.Module):
@@ -74,37 +83,46 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def match_layers(self, outputs_per_layer: Sequence[Dict], targets: Sequence[Dict]) -> List[Indices]:
         """Matches several decoder layers' outputs against the same targets; all L x B assignment
-        problems go to the solver in one call."""
+        problems go to the solver in one call. The indices live where the solver left them (the
+        host, or the GPU with the CUDA solver)."""
         labels, masks = split_targets(targets)
-        backend = ops.backend_for(self.fused)
-        costs = []
         for i, out in enumerate(outputs_per_layer):
             check_outputs(out, f"outputs[{i}]" if len(outputs_per_layer) > 1 else "outputs")
-            cost, sizes = ops.matching_cost(out["pred_logits"], out["pred_masks"], labels, masks, self.cost_class,
-                                            self.cost_mask, self.cost_dice, self.alpha, self.gamma, backend=backend)
-            costs.append(cost)
-        cost = torch.cat(costs) if len(costs) > 1 else costs[0]
-        sizes_all = sizes.repeat(len(costs))
-        _check_finite(cost, sizes_all, len(targets))
-        flat = ops.linear_sum_assignment(cost, sizes_all, backend=backend)
-        B = len(targets)
+        backend = ops.backend_for(self.fused)
+        scalars = (self.cost_class, self.cost_mask, self.cost_dice, self.alpha, self.gamma)
+        B, costs, checked = len(targets), [], None
+        try:
+            for out in outputs_per_layer:
+                args = (out["pred_logits"], out["pred_masks"], labels, masks, *scalars)
+                if _signature(out) == checked:  # the targets and a layer like this one are checked already
+                    cost, sizes = ops.matching_cost.unchecked(*args, backend=backend)
+                else:
+                    cost, sizes = ops.matching_cost(*args, backend=backend)
+                    checked = _signature(out)
+                costs.append(cost)
+            flat = ops.linear_sum_assignment(torch.cat(costs) if len(costs) > 1 else costs[0],
+                                             sizes.repeat(len(costs)), backend=backend)
+        except ValueError as exc:  # a bad label or NaN: say which input (reading values is fine now)
+            self._explain_failure(exc, outputs_per_layer[0]["pred_logits"].shape[-1] - 1, labels, costs, B)
+            raise
         return [flat[i * B:(i + 1) * B] for i in range(len(costs))]
+
+    @staticmethod
+    def _explain_failure(exc: Exception, num_classes: int, labels: List[torch.Tensor], costs: List[torch.Tensor],
+                         batch_size: int) -> None:
+        """Raises the clearest error for a failed step: a label out of range, or the decoder layer and
+        image whose real (non-padding) costs are not finite."""
+        check_label_values(labels, num_classes)
+        sizes = torch.tensor([len(lab) for lab in labels], device=costs[0].device if costs else None)
+        for layer, cost in enumerate(costs):
+            valid = torch.arange(cost.shape[-1], device=cost.device)[None, :] < sizes[:, None]  # [B, N]
+            bad = (~torch.isfinite(cost) & valid[:, None, :]).flatten(1).any(1)
+            if bool(bad.any()):
+                image = int(bad.nonzero()[0, 0])
+                where = f"image {image}" + (f" (decoder output {layer})" if len(costs) > 1 else "")
+                raise ValueError(f"HungarianMatcher: the matching cost of {where} contains NaN or Inf; the "
+                                 f"predictions (pred_logits / pred_masks) are not finite") from exc
 
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
                 f"fused={self.fused}")
-
-
-def _check_finite(cost: torch.Tensor, sizes: torch.Tensor, batch_size: int) -> None:
-    """A NaN or Inf in a real (non-padding) cost entry means the predictions are broken: say which
-    image (and decoder layer) instead of failing inside the solver. One host sync per call."""
-    if cost.numel() == 0:
-        return
-    valid = torch.arange(cost.shape[-1], device=cost.device)[None, :] < sizes.to(cost.device)[:, None]  # [LB, N]
-    bad = (~torch.isfinite(cost) & valid[:, None, :]).flatten(1).any(1)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        layer, image = divmod(i, batch_size)
-        where = f"image {image}" + (f" (decoder output {layer})" if cost.shape[0] > batch_size else "")
-        raise ValueError(f"HungarianMatcher: the matching cost of {where} contains NaN or Inf; the predictions "
-                         f"(pred_logits / pred_masks) are not finite")

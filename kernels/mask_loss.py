@@ -33,8 +33,14 @@ def _log1p(e):
 
 @triton.jit
 def _pixel_terms(x, t, a_pos, a_neg, gamma, GAMMA_MODE: tl.constexpr):
-    """Per pixel, stable for any |x|: p = sigmoid(x), r = 1 - p (no cancellation), the focal loss,
-    and the focal modulator's derivative pieces. GAMMA_MODE: 0 gamma == 0, 2 gamma == 2, 1 other."""
+    """Per pixel, stable for any |x|: p = sigmoid(x), r = 1 - p (no cancellation), q = 1 - p_t, the
+    focal modulator q^gamma and its derivative d(q^gamma)/dx. GAMMA_MODE: 0 gamma == 0, 2 gamma ==
+    2, 1 other.
+
+    d(q^gamma)/dx = gamma q^gamma (1 - 2t) p r / q. Written as gamma q^(gamma-1) dq/dx it overflows
+    for gamma < 1 at saturated logits (q^(gamma-1) -> inf while dq/dx -> 0, and inf * 0 = NaN);
+    here p r / q = max(p, r) * (min(p, r) / q) <= 1 because q >= min(p, r), so nothing overflows
+    and the limit at q == 0 is 0."""
     e = tl.exp(-tl.abs(x))
     inv = 1.0 / (1.0 + e)
     p = tl.where(x >= 0, inv, e * inv)
@@ -42,16 +48,17 @@ def _pixel_terms(x, t, a_pos, a_neg, gamma, GAMMA_MODE: tl.constexpr):
     bce = tl.maximum(x, 0.0) - x * t + _log1p(e)
     q = p * (1.0 - t) + r * t  # 1 - p_t
     alpha_t = a_pos * t + a_neg * (1.0 - t)
+    dq = (1.0 - 2.0 * t) * p * r  # d(1 - p_t)/dx
     if GAMMA_MODE == 0:
         mod = tl.full(q.shape, 1.0, tl.float32)
         dmod = tl.zeros(q.shape, tl.float32)
     elif GAMMA_MODE == 2:
         mod = q * q
-        dmod = 2.0 * q
-    else:  # q^gamma and gamma q^(gamma-1), with their limits 0 at q == 0 (where dq/dx == 0 too)
-        lq = tl.log2(tl.where(q > 0, q, 1.0))
-        mod = tl.where(q > 0, tl.exp2(gamma * lq), 0.0)
-        dmod = tl.where(q > 0, gamma * tl.exp2((gamma - 1.0) * lq), 0.0)
+        dmod = 2.0 * q * dq
+    else:  # q^gamma with its limit 0 at q == 0
+        mod = tl.where(q > 0, tl.exp2(gamma * tl.log2(tl.where(q > 0, q, 1.0))), 0.0)
+        ratio = tl.maximum(p, r) * tl.where(q > 0, tl.minimum(p, r) / tl.where(q > 0, q, 1.0), 0.0)  # p r / q
+        dmod = gamma * mod * (1.0 - 2.0 * t) * ratio
     return p, r, bce, q, alpha_t, mod, dmod
 
 
@@ -157,8 +164,7 @@ def _grad_kernel(pred, tgt, gsums, grad, inv_scale_h, inv_scale_w, h, w, H, W, s
             x, t, valid = _load_tile(pred, tgt, n, Y, X, h, w, H, W, scale_h, scale_w,
                                      sp_n, sp_h, sp_w, st_n, st_h, st_w)
             p, r, bce, q, alpha_t, mod, dmod = _pixel_terms(x, t, a_pos, a_neg, gamma, GAMMA_MODE)
-            dq = (1.0 - 2.0 * t) * p * r
-            dfocal = alpha_t * (dmod * dq * bce + mod * (p - t))
+            dfocal = alpha_t * (dmod * bce + mod * (p - t))
             g = tl.where(valid, g_f * dfocal + (g_pt * t + g_p) * (p * r), 0.0)  # [BY, BX]
             acc += tl.dot(wy_t, tl.dot(g, wx, input_precision=PRECISION), input_precision=PRECISION)
     tl.store(grad + n.to(tl.int64) * h * w + i * w + j, acc.to(grad.dtype.element_ty), mask=(i < h) & (j < w))

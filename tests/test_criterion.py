@@ -106,7 +106,7 @@ def _dist_worker(rank, world, port, counts, out_file):
     value = average_num_masks(targets, torch.device("cpu"))
     if rank == 0:
         with open(out_file, "w") as f:
-            f.write(repr(value))
+            f.write(repr(float(value)))  # a 0-d tensor under torch.distributed: no host sync
     dist.barrier()
     dist.destroy_process_group()
 

@@ -71,12 +71,26 @@ def test_match_layers_equals_per_layer_calls():
             assert torch.equal(r1, r2) and torch.equal(c1, c2)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_cost_names_the_image(bad):
+def test_non_finite_cost_names_the_image_and_layer(bad, fused):
     outputs, targets = make_batch(3, 4, 3, [2, 2, 2], (4, 4), (8, 8))
+    aux = make_batch(3, 4, 3, [2, 2, 2], (4, 4), (8, 8), seed=1)[0]
+    aux["pred_masks"][2, 1, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"image 2 \(decoder output 1\) contains NaN or Inf"):
+        HungarianMatcher(1, 20, 1, fused=fused).match_layers([outputs, aux], targets)
     outputs["pred_logits"][2, 1, 0] = bad
-    with pytest.raises(ValueError, match="image 2"):
-        HungarianMatcher(1, 20, 1)(outputs, targets)
+    with pytest.raises(ValueError, match="image 2 contains NaN or Inf"):
+        HungarianMatcher(1, 20, 1, fused=fused)(outputs, targets)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("label", [3, -1])
+def test_label_out_of_range_is_named(label, fused):
+    outputs, targets = make_batch(2, 4, 3, [2, 1], (4, 4), (8, 8))
+    targets[1]["labels"] = torch.tensor([label])
+    with pytest.raises(ValueError, match=r"tgt_labels\[1\]: labels must lie in \[0, 3\)"):
+        HungarianMatcher(1, 20, 1, fused=fused)(outputs, targets)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -105,7 +105,9 @@ def _cpp_errors():
     x, t = _loss_inputs()
     return [
         ("label >= K+1", lambda: C.matching_cost(logits, masks, torch.tensor([0, 1, 5]), targets, *SCALARS),
-         ValueError, r"tgt_labels: expected values in \[0, 5\)"),
+         ValueError, r"tgt_labels: expected values in \[0, 4\)"),
+        ("label == K (no object)", lambda: C.matching_cost(logits, masks, torch.tensor([0, 4, 1]), targets, *SCALARS),
+         ValueError, r"got 4 at position 1"),
         ("label count", lambda: C.matching_cost(logits, masks, labels[:2], targets, *SCALARS), ValueError,
          "expected 3 labels"),
         ("B mismatch", lambda: C.matching_cost(logits, masks[:1], labels, targets, *SCALARS), ValueError,
@@ -145,9 +147,11 @@ def test_cuda_mask_loss_is_declined():
     assert "cpu" in ops.mask_loss.backends["native"].supports(torch.zeros(1, 2, 2, device="meta"))
 
 
-def test_missing_extension_falls_back_once_with_a_warning(monkeypatch):
+def test_missing_extension_falls_back_once_with_a_warning(monkeypatch, request):
     for op in (ops.matching_cost, ops.mask_loss):
         monkeypatch.setattr(op.backends["native"], "available", lambda: "fastmaskformer._C is not available (test)")
+        op.clear_cache()  # the choice is cached per device/dtype; forget it now and after the test
+        request.addfinalizer(op.clear_cache)
     monkeypatch.setattr(_dispatch, "_warned", False)
     x, t = _loss_inputs()
     with pytest.warns(RuntimeWarning, match="native: fastmaskformer._C is not available"):

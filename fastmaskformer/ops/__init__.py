@@ -14,6 +14,9 @@ from ._semantic_inference import semantic_inference
 OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference,
                               ms_deform_attn)}
 
+# Every backend registers itself now, once, so that no call ever imports or locks (see _dispatch).
+load_backends()
+
 
 def explain(op: str, *args, backend: str = "auto", **kwargs) -> str:
     """Which backend ``op`` would run for these arguments, and why each other one would not."""
@@ -21,7 +24,6 @@ def explain(op: str, *args, backend: str = "auto", **kwargs) -> str:
 
 
 def available_backends(op: str) -> list:
-    load_backends()
     return sorted(OPS[op].backends)
 
 

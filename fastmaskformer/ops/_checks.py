@@ -8,6 +8,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+# CUDA's limit on a launch grid's second and third axes, which kernels may index by image: ops whose
+# backends decline larger batches say so in their dispatch traits.
+MAX_GRID_YZ = 65535
 
 
 def check_tensor(name: str, t, ndim: Optional[int] = None, dtypes: Optional[Iterable[torch.dtype]] = None) -> None:
@@ -38,8 +41,12 @@ def check_finite_scalar(name: str, v) -> None:
         raise ValueError(f"{name}: expected a finite number, got {f}")
 
 
-def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Sequence, num_classes: int) -> None:
-    """Ragged per-image targets: labels int64 [N_i] in [0, num_classes), masks [N_i, H, W]."""
+def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Sequence) -> None:
+    """Ragged per-image targets: labels int64 [N_i], masks [N_i, H, W], on the predictions' device.
+
+    Only what the host knows (types, shapes, devices): reading label values would cost a host sync
+    per call on a GPU. Their range is checked by :func:`check_label_values` where the values are
+    read anyway (the reference path, the CPU kernels) or once a step fails (the matcher)."""
     B = pred_logits.shape[0]
     if not isinstance(tgt_labels, (list, tuple)) or not isinstance(tgt_masks, (list, tuple)):
         raise TypeError("tgt_labels and tgt_masks: expected lists of tensors, one per image, got "
@@ -58,7 +65,11 @@ def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Se
         elif tuple(m.shape[-2:]) != hw:
             raise ValueError(f"tgt_masks[{i}]: expected masks padded to the batch size {hw}, got {tuple(m.shape[-2:])}")
         check_same_device(pred_logits=pred_logits, **{f"tgt_labels[{i}]": lab, f"tgt_masks[{i}]": m})
-    # One reduction (one host sync on CUDA) for the whole batch; the per-image search runs only on failure.
+
+
+def check_label_values(tgt_labels: Sequence[torch.Tensor], num_classes: int) -> None:
+    """Every label in [0, num_classes). One reduction for the whole batch (a host sync on CUDA); the
+    per-image search runs only on failure."""
     if sum(lab.numel() for lab in tgt_labels):
         lo, hi = torch.stack(torch.cat([lab.reshape(-1) for lab in tgt_labels]).aminmax()).tolist()
         if lo < 0 or hi >= num_classes:

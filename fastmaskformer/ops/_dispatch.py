@@ -13,15 +13,21 @@ backends with the same signature. A call names a backend:
 ``FASTMASKFORMER_BACKEND_<OP>=<name>`` (e.g. ``FASTMASKFORMER_BACKEND_MASK_LOSS=triton``) or
 ``FASTMASKFORMER_BACKEND=<name>`` (every op that has such a backend) turns ``"auto"`` into that
 name. ``explain(...)`` prints the reasoning for given inputs.
+
+The choice is made once per (requested backend, device type, dtype, traits) and cached; ``traits``
+is a small per-op function of the inputs (e.g. "needs a gradient", "batch beyond a launch grid")
+and a backend's ``supports()`` may depend on nothing else. The hot path is a dict lookup: no lock,
+no import, nothing Dynamo cannot trace, so ``torch.compile`` of a model sees the chosen backend's
+custom op and no graph break. The backend modules are imported once, when ``fastmaskformer.ops``
+is imported.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import threading
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -30,7 +36,6 @@ import torch
 _BACKEND_MODULES = ("triton", "native", "lapjv")
 _loaded = False
 _load_errors: Dict[str, str] = {}
-_lock = threading.Lock()
 _warned = False
 
 
@@ -48,40 +53,51 @@ class Backend:
     priority: int = 0
 
 
-def _first_device(args: Iterable, kwargs: dict) -> Optional[torch.device]:
-    for a in list(args) + list(kwargs.values()):
+def _first_tensor(args: Iterable, kwargs: dict) -> Optional[torch.Tensor]:
+    for a in (*args, *kwargs.values()):
         if isinstance(a, torch.Tensor):
-            return a.device
+            return a
         if isinstance(a, (list, tuple)):
             for b in a:
                 if isinstance(b, torch.Tensor):
-                    return b.device
+                    return b
     return None
 
 
 def load_backends() -> None:
-    """Import every backend module once; each registers what it provides."""
+    """Import every backend module once; each registers what it provides. ``fastmaskformer.ops``
+    calls this when it is imported (under Python's import lock), never on the hot path."""
     global _loaded
     if _loaded:
         return
-    with _lock:
-        if _loaded:
-            return
-        for mod in _BACKEND_MODULES:
-            try:
-                importlib.import_module(f"fastmaskformer.ops.backends.{mod}")
-            except Exception as exc:  # a broken optional backend must not break the reference path
-                _load_errors[mod] = f"{type(exc).__name__}: {exc}"
-        _loaded = True
+    for mod in _BACKEND_MODULES:
+        try:
+            importlib.import_module(f"fastmaskformer.ops.backends.{mod}")
+        except Exception as exc:  # a broken optional backend must not break the reference path
+            _load_errors[mod] = f"{type(exc).__name__}: {exc}"
+    _loaded = True
 
 
 class Op:
-    """An op with a reference implementation and registered fused backends."""
+    """An op with a reference implementation and registered fused backends.
 
-    def __init__(self, name: str, reference: Callable, check: Optional[Callable] = None):
+    Args:
+        name: the op's name (``FASTMASKFORMER_BACKEND_<NAME>`` overrides "auto").
+        reference: the plain-PyTorch implementation; every backend has its signature.
+        check: argument checks run before any backend (clear errors instead of kernel crashes).
+        traits: inputs -> a small hashable value; with the device type and dtype of the first
+            tensor argument it is the cache key of the backend choice, so every ``supports()`` of
+            this op must be a function of those three alone.
+    """
+
+    def __init__(self, name: str, reference: Callable, check: Optional[Callable] = None,
+                 traits: Optional[Callable[..., Hashable]] = None):
         self.name = name
         self.check = check
+        self.traits = traits
         self.backends: Dict[str, Backend] = {"reference": Backend("reference", reference, priority=-(10**9))}
+        self._env_keys = (f"FASTMASKFORMER_BACKEND_{name.upper()}", "FASTMASKFORMER_BACKEND")
+        self._cache: Dict[tuple, Backend] = {}
 
     @property
     def reference(self) -> Callable:
@@ -92,14 +108,19 @@ class Op:
             raise ValueError(f"{name!r} is a reserved backend name")
         b = Backend(name, fn, **kwargs)
         self.backends[name] = b
+        self._cache.clear()
         return b
 
+    def clear_cache(self) -> None:
+        """Forget the cached choices (after changing a backend's ``available``/``supports``)."""
+        self._cache.clear()
+
     def _env_choice(self) -> Optional[str]:
-        own = os.environ.get(f"FASTMASKFORMER_BACKEND_{self.name.upper()}")
+        own = os.environ.get(self._env_keys[0])
         if own:
             return own
-        glob = os.environ.get("FASTMASKFORMER_BACKEND")
-        if glob and (glob in self.backends or glob == "reference"):
+        glob = os.environ.get(self._env_keys[1])
+        if glob and glob in self.backends:
             return glob
         return None
 
@@ -118,14 +139,26 @@ class Op:
             out.append((b, why, False))
         return out
 
+    def _key(self, backend: str, args: tuple, kwargs: dict) -> tuple:
+        t = _first_tensor(args, kwargs)
+        device, dtype = (t.device.type, t.dtype) if t is not None else ("cpu", None)
+        return backend, device, dtype, self.traits(*args, **kwargs) if self.traits is not None else None
+
     def choose(self, backend: str, args: tuple, kwargs: dict, warn: bool = True) -> Backend:
-        if not isinstance(backend, str):
-            raise TypeError(f"{self.name}: backend must be a str, got {type(backend).__name__}")
         if backend == "reference":
             return self.backends["reference"]
-        load_backends()
+        if not isinstance(backend, str):
+            raise TypeError(f"{self.name}: backend must be a str, got {type(backend).__name__}")
         if backend == "auto":
             backend = self._env_choice() or "auto"
+        key = self._key(backend, args, kwargs)
+        chosen = self._cache.get(key)
+        if chosen is None:
+            chosen = self._choose_uncached(backend, key[1], args, kwargs, warn)
+            self._cache[key] = chosen
+        return chosen
+
+    def _choose_uncached(self, backend: str, device: str, args: tuple, kwargs: dict, warn: bool) -> Backend:
         if backend != "auto":
             if backend not in self.backends:
                 raise ValueError(
@@ -137,11 +170,9 @@ class Op:
             if why is not None:
                 raise RuntimeError(f"{self.name}: backend {backend!r} cannot take this call: {why}")
             return b
-        device = _first_device(args, kwargs)
-        dtype = device.type if device is not None else "cpu"
         missing = []
         for b, why, install_level in self._reasons(args, kwargs):
-            if b.name == "reference" or dtype not in b.auto_devices:
+            if b.name == "reference" or device not in b.auto_devices:
                 continue
             if why is None:
                 return b
@@ -152,7 +183,6 @@ class Op:
         return self.backends["reference"]
 
     def explain(self, *args, backend: str = "auto", **kwargs) -> str:
-        load_backends()
         lines = [f"{self.name} (backend={backend!r}, env={self._env_choice()!r}):"]
         for b, why, install_level in self._reasons(args, kwargs):
             state = "ok" if why is None else ("not installed: " if install_level else "declines: ") + why
@@ -168,6 +198,11 @@ class Op:
     def __call__(self, *args, backend: str = "reference", **kwargs):
         if self.check is not None:
             self.check(*args, **kwargs)
+        return self.choose(backend, args, kwargs).fn(*args, **kwargs)
+
+    def unchecked(self, *args, backend: str = "reference", **kwargs):
+        """The call without ``check``, for a caller that has checked arguments of the same types,
+        shapes and devices already (the matcher checks the targets once for all decoder layers)."""
         return self.choose(backend, args, kwargs).fn(*args, **kwargs)
 
 

@@ -16,6 +16,8 @@ from ._checks import check_same_device, check_tensor
 from ._dispatch import Op
 
 Assignment = List[Tuple[torch.Tensor, torch.Tensor]]
+# The native CUDA solver keeps one image's per-column state in shared memory (its kMaxSide).
+CUDA_MAX_SIDE = 1024
 
 
 def as_problems(cost, sizes) -> List[torch.Tensor]:
@@ -73,4 +75,16 @@ def _check(cost, sizes=None, **_):
                          f"[{int(sizes_t.min())}, {int(sizes_t.max())}]")
 
 
-linear_sum_assignment = Op("linear_sum_assignment", linear_sum_assignment_reference, check=_check)
+def _traits(cost, sizes=None, **_):
+    """(a list, of one shape/dtype/device, a side beyond the CUDA solver's): what backends decline."""
+    if isinstance(cost, (list, tuple)):
+        if not cost:
+            return True, True, False
+        first = cost[0]
+        uniform = all(c.shape[0] == first.shape[0] and c.dtype == first.dtype and c.device == first.device
+                      for c in cost)
+        return True, uniform, max(first.shape[0], max(c.shape[1] for c in cost)) > CUDA_MAX_SIDE
+    return False, True, max(cost.shape[1], cost.shape[2]) > CUDA_MAX_SIDE
+
+
+linear_sum_assignment = Op("linear_sum_assignment", linear_sum_assignment_reference, check=_check, traits=_traits)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, MAX_GRID_YZ, check_same_device, check_tensor
 from ._dispatch import Op
 
 
@@ -31,4 +31,8 @@ def _check(mask_embed, pixel_embed, **_):
         raise TypeError(f"mask_embed and pixel_embed: expected one dtype, got {mask_embed.dtype} and {pixel_embed.dtype}")
 
 
-mask_logits = Op("mask_logits", mask_logits_reference, check=_check)
+def _traits(mask_embed, pixel_embed, **_):
+    return pixel_embed.shape[0] > MAX_GRID_YZ
+
+
+mask_logits = Op("mask_logits", mask_logits_reference, check=_check, traits=_traits)

@@ -11,6 +11,10 @@ index rule) and p = sigmoid(x), P = h * w:
     C = cost_class * class + cost_mask * focal + cost_dice * dice
 
 Returns ``(cost, sizes)``: float32 [B, Q, Nmax] padded with +inf past N_b, and int64 [B] (CPU).
+A cost that is not finite (predictions that are not) is NaN, which every solver rejects naming the
+image. Labels must lie in [0, K); the reference and the CPU kernel raise otherwise, while the CUDA
+kernel, which would need a host sync to say so, gives NaN in that target's column (the matcher
+then names the bad label).
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_targets, check_tensor
+from ._checks import FLOAT_DTYPES, check_finite_scalar, check_label_values, check_same_device, check_targets, \
+    check_tensor
 from ._dispatch import Op
 
 
@@ -41,6 +46,7 @@ def matching_cost_reference(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
                             tgt_masks: Sequence[torch.Tensor], cost_class: float = 1.0, cost_mask: float = 1.0,
                             cost_dice: float = 1.0, alpha: float = 0.25,
                             gamma: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_label_values(tgt_labels, pred_logits.shape[-1] - 1)
     B, Q = pred_logits.shape[:2]
     sizes = torch.tensor([int(lab.shape[0]) for lab in tgt_labels], dtype=torch.int64)
     n_max = int(sizes.max()) if B else 0
@@ -53,7 +59,8 @@ def matching_cost_reference(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
         c_class = -prob[:, tgt_labels[b].long()]
         t = F.interpolate(tgt_masks[b][:, None].float(), size=pred_masks.shape[-2:], mode="nearest")[:, 0]
         focal, dice = _focal_dice_cost(pred_masks[b].float().flatten(1), t.flatten(1), alpha, gamma)
-        cost[b, :, :n] = cost_class * c_class + cost_mask * focal + cost_dice * dice
+        c = cost_class * c_class + cost_mask * focal + cost_dice * dice
+        cost[b, :, :n] = torch.where(torch.isfinite(c), c, float("nan"))
     return cost, sizes
 
 
@@ -65,8 +72,7 @@ def _check(pred_logits, pred_masks, tgt_labels, tgt_masks, cost_class=1.0, cost_
     if pred_masks.shape[:2] != pred_logits.shape[:2]:
         raise ValueError(f"pred_masks: expected [B,Q] = {tuple(pred_logits.shape[:2])} like pred_logits, "
                          f"got shape {tuple(pred_masks.shape)}")
-    # Labels index the K+1 class columns; the no-object column K is never a target.
-    check_targets(pred_logits, tgt_labels, tgt_masks, num_classes=pred_logits.shape[-1] - 1)
+    check_targets(pred_logits, tgt_labels, tgt_masks)
     for name, v in (("cost_class", cost_class), ("cost_mask", cost_mask), ("cost_dice", cost_dice),
                     ("alpha", alpha), ("gamma", gamma)):
         check_finite_scalar(name, v)

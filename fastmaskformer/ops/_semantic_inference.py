@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, MAX_GRID_YZ, check_same_device, check_tensor
 from ._dispatch import Op
 
 
@@ -37,4 +37,10 @@ def _check(pred_logits, pred_masks, output_size, return_labels=False, **_):
         raise ValueError(f"output_size: expected (H, W) of positive ints, got {output_size}")
 
 
-semantic_inference = Op("semantic_inference", semantic_inference_reference, check=_check)
+def _traits(pred_logits, pred_masks, *_, **__):
+    """(needs a gradient, batch beyond a launch grid): fused backends are inference-only."""
+    needs_grad = torch.is_grad_enabled() and (pred_logits.requires_grad or pred_masks.requires_grad)
+    return needs_grad, pred_masks.shape[0] > MAX_GRID_YZ
+
+
+semantic_inference = Op("semantic_inference", semantic_inference_reference, check=_check, traits=_traits)

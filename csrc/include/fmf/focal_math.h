@@ -141,14 +141,22 @@ FMF_MATH V pow_gamma(const V& m, float gamma) {
   return pos ? exp_nonpos(gamma * log_pos(safe)) : V{};
 }
 
+// d(m^gamma)/dx for m = 1 - p_t = sig (1 - t) + sig_neg t, whose derivative is (1 - 2t) sig sig_neg:
+// gamma m^gamma (1 - 2t) sig sig_neg / m. The factor sig sig_neg / m is computed as
+// max(sig, sig_neg) * (min(sig, sig_neg) / m), at most 1 because m >= min(sig, sig_neg); the form
+// gamma m^(gamma-1) dm/dx would overflow for gamma < 1 at saturated logits (inf * 0 = NaN). Its
+// limit at m = 0 is 0.
 template <class V>
-FMF_MATH V dpow_gamma(const V& m, const V& m_pow, float gamma) {
-  if (gamma == 2.f) return 2.f * m;
-  // gamma m^(gamma-1) as gamma m^gamma / m: m^(gamma-1) alone would overflow for gamma < 1; at
-  // m = 0 every use multiplies this by sig * (1 - sig) = 0.
+FMF_MATH V dpow_gamma_dx(const V& m, const V& m_pow, const V& sig, const V& sig_neg, const V& one_m_2t,
+                         float gamma) {
+  const V dm = one_m_2t * sig * sig_neg;
+  if (gamma == 2.f) return 2.f * m * dm;
+  if (gamma == 0.f) return V{};
   const auto pos = m > 0.f;
   const V safe = pos ? m : splat<V>(1.f);
-  return pos ? gamma * m_pow / safe : V{};
+  const auto sig_smaller = sig < sig_neg;
+  const V lo = sig_smaller ? sig : sig_neg, hi = sig_smaller ? sig_neg : sig;
+  return pos ? gamma * m_pow * one_m_2t * hi * (lo / safe) : V{};
 }
 
 // The matcher's per-pixel focal terms (official MaskFormer matcher): with p = sigmoid(x),
@@ -184,8 +192,7 @@ FMF_MATH FocalPixel<V> focal_pixel(const V& x, const V& t, float alpha, float ga
   FocalPixel<V> out{a_t * ce * m_pow, V{}, L.sig, V{}};
   if (kGrad) {
     out.dsig = L.sig * L.sig_neg;
-    const V dm = (one_m_t - t) * out.dsig;  // d(1 - p_t)/dx = (1 - 2t) p (1 - p)
-    out.dloss = a_t * ((L.sig - t) * m_pow + ce * dpow_gamma(m, m_pow, gamma) * dm);
+    out.dloss = a_t * ((L.sig - t) * m_pow + ce * dpow_gamma_dx(m, m_pow, L.sig, L.sig_neg, one_m_t - t, gamma));
   }
   return out;
 }

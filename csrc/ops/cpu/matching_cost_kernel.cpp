@@ -153,7 +153,9 @@ void cost_task(const MatchingCostInputs& in, const Task& task, const Weights& wt
       const float focal = (pos_t[j] + neg_t[n] - neg_t[j]) / static_cast<float>(P);  // neg @ (1 - t)
       const float dice = 1.f - (2.f * sig_t[j] + 1.f) / (sig_t[n] + col_sums[j] + 1.f);
       const float prob = std::exp(z[labels[j]] - sm.max) / sm.denom;
-      out[i * in.n_max + j] = -wt.cost_class * prob + wt.cost_mask * focal + wt.cost_dice * dice;
+      const float c = -wt.cost_class * prob + wt.cost_mask * focal + wt.cost_dice * dice;
+      // Not finite (predictions that are not): NaN, which every solver rejects naming the image.
+      out[i * in.n_max + j] = std::isfinite(c) ? c : std::numeric_limits<float>::quiet_NaN();
     }
   }
 }
@@ -164,9 +166,10 @@ at::Tensor matching_cost_cpu(const at::Tensor& pred_logits, const at::Tensor& pr
   MatchingCostInputs in = prepare_matching_cost(pred_logits, pred_masks, tgt_labels, tgt_masks, at::kCPU);
   const int64_t C = in.logits.size(2), Q = in.masks.size(1);
   const int64_t* labels = in.labels.data_ptr<int64_t>();
-  for (int64_t i = 0; i < in.labels.numel(); ++i) {
-    TORCH_CHECK_VALUE(labels[i] >= 0 && labels[i] < C, "tgt_labels: expected values in [0, ", C,
-                      ") (columns of pred_logits), got ", labels[i], " at position ", i);
+  for (int64_t i = 0; i < in.labels.numel(); ++i) {  // the last column, "no object", is never a target
+    TORCH_CHECK_VALUE(labels[i] >= 0 && labels[i] < C - 1, "tgt_labels: expected values in [0, ", C - 1,
+                      ") (the classes of pred_logits but its last, no-object column), got ", labels[i],
+                      " at position ", i);
   }
 
   // Tasks: every image with targets, split into query blocks when there are too few images to

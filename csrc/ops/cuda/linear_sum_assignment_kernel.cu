@@ -375,11 +375,11 @@ at::Tensor linear_sum_assignment_cuda(const at::Tensor& cost, const at::Tensor& 
   auto out = at::full({2, B * rows}, -1, cost.options().dtype(at::kLong));
   if (offsets[B] == 0) return out;
   // sizes then offsets, one copy to the device.
-  auto meta = at::empty({2 * B}, sizes.options());
+  auto meta = at::empty({2 * B}, sizes.options().pinned_memory(true));  // async copy below
   const auto n = sizes.contiguous();
   std::copy(n.data_ptr<int64_t>(), n.data_ptr<int64_t>() + B, meta.data_ptr<int64_t>());
   std::copy(offsets.begin(), offsets.begin() + B, meta.data_ptr<int64_t>() + B);
-  meta = meta.to(cost.device());
+  meta = meta.to(cost.device(), /*non_blocking=*/true);
   auto work = at::empty({B, Q * N}, cost.options().dtype(at::kDouble));
   auto status = at::zeros({B}, cost.options().dtype(at::kInt));
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -172,11 +172,14 @@ __global__ void __launch_bounds__(kThreads) matching_cost_kernel(const Params<sc
       const float focal = (sum[0] + neg_all - sum[1]) / static_cast<float>(P);  // neg @ (1 - t)
       const float dice = 1.f - (2.f * sum[2] + 1.f) / (sig_all + t_all + 1.f);
       const int64_t label = prm.labels[img.first_label + j];
-      // Labels are range-checked in Python; an out-of-range one reads nothing and shows as NaN.
-      const float prob = label >= 0 && label < prm.C
+      // Checking labels on the host would cost a sync: an out-of-range one (the no-object column
+      // included) reads nothing and gives NaN, like any cost that is not finite; every solver
+      // rejects NaN naming the image, and the matcher then says which input was wrong.
+      const float prob = label >= 0 && label < prm.C - 1
                              ? expf(prm.logits[(b * Q + q) * prm.C + label] - z_max[i]) / z_den[i]
                              : NAN;
-      prm.cost[(b * Q + q) * prm.n_max + j] = -prm.cost_class * prob + prm.cost_mask * focal + prm.cost_dice * dice;
+      const float cost = -prm.cost_class * prob + prm.cost_mask * focal + prm.cost_dice * dice;
+      prm.cost[(b * Q + q) * prm.n_max + j] = isfinite(cost) ? cost : NAN;
     }
   }
 }
@@ -200,9 +203,11 @@ at::Tensor matching_cost_cuda(const at::Tensor& pred_logits, const at::Tensor& p
   const int shares = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>({(2 * sms + busy_tiles - 1) / busy_tiles, chunks, kMaxShares})));
 
-  at::Tensor table = at::empty({B * 5}, at::kLong);
+  // Pinned host memory and an asynchronous copy: the host does not wait for the GPU here (the
+  // caching host allocator keeps the buffer until the copy has run).
+  at::Tensor table = at::empty({B * 5}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   std::memcpy(table.data_ptr<int64_t>(), in.table.data(), B * sizeof(ImageTargets));
-  table = table.to(pred_logits.device());
+  table = table.to(pred_logits.device(), /*non_blocking=*/true);
   const auto opts = pred_logits.options();
   at::Tensor work = at::empty({B * q_tiles * j_tiles * shares * kRecord}, opts.dtype(at::kFloat));
   at::Tensor counters = at::zeros({B * q_tiles * j_tiles}, opts.dtype(at::kInt));

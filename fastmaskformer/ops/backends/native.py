@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fastmaskformer._ext import native_cuda_error, native_error
 
-from .._linear_sum_assignment import Assignment, linear_sum_assignment
+from .._linear_sum_assignment import CUDA_MAX_SIDE, Assignment, linear_sum_assignment
 from .._mask_loss import losses_from_stats, mask_loss
 from .._matching_cost import matching_cost
 
@@ -83,8 +83,6 @@ mask_loss.register("native", mask_loss_native, available=native_error, supports=
 # ---- linear_sum_assignment ----
 
 LAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The CUDA kernel keeps one image's per-column state in shared memory (its kMaxSide).
-CUDA_MAX_SIDE = 1024
 
 
 def stack_problems(costs: Sequence[torch.Tensor]):

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .._checks import MAX_GRID_YZ
 from .._mask_logits import mask_logits
 from .._mask_loss import losses_from_stats, mask_loss
 from .._semantic_inference import semantic_inference
@@ -26,7 +27,6 @@ except Exception as exc:  # triton missing or broken: every triton backend repor
     _mask_logits = _mask_loss_sums = _semantic_inference = None
 
 PRIORITY = 10
-MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis, which the kernels index by image
 
 
 def _available() -> Optional[str]:
@@ -45,7 +45,7 @@ def _device_reason(t: torch.Tensor) -> Optional[str]:
 
 
 def _batch_reason(batch: int) -> Optional[str]:
-    return None if batch <= MAX_GRID_Y else f"batch {batch} exceeds the launch grid's {MAX_GRID_Y}"
+    return None if batch <= MAX_GRID_YZ else f"batch {batch} exceeds the launch grid's {MAX_GRID_YZ}"
 
 
 def _mask_loss(pred_masks: torch.Tensor, target_masks: torch.Tensor, num_masks, alpha: float = 0.25,
