@@ -22,7 +22,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "synthetic.yaml")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """An error in what the user gave (config, dataset files, checkpoints), not in the code: the
+    command-line tools print its message alone, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config key that does not exist or a value of the wrong type."""
 
 
@@ -347,6 +352,8 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML config (default: configs/synthetic.yaml)")
     p.add_argument("--fused", action="store_true", help="use the fused kernels (same as model.fused=true)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.output_dir")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors in the input too "
+                                                        "(same as FASTMASKFORMER_DEBUG=1)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. solver.max_iter=100 model.fused=true")
     return p
 
@@ -354,7 +361,12 @@ def argument_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[List[str]] = None) -> Config:
     """The config described by command-line arguments; a bad key or value exits with its message."""
     parser = argument_parser()
-    args = parser.parse_args(argv)
+    return config_from_args(parser, parser.parse_args(argv))
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    """The config of parsed training arguments; a bad key or value or a missing file exits through
+    ``parser.error`` (the message and usage, status 2)."""
     extra = (["model.fused=true"] if args.fused else []) + (["train.resume=true"] if args.resume else [])
     try:
         return load_config(args.config, list(args.overrides) + extra)

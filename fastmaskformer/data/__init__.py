@@ -9,6 +9,8 @@ int64 [N]; ``masks`` bool [N,H,W] (one per segment; for semantic datasets one pe
 """
 from __future__ import annotations
 
+from ..config import ConfigError
+from ._base import DatasetError, MissingDataError
 from .collate import collate
 from .synthetic import SyntheticDataset
 
@@ -28,7 +30,7 @@ def build_dataset(cfg, split: str):
         return SyntheticDataset(split="train" if train else split, image_size=cfg.image_size, seed=cfg.seed,
                                 length=cfg.train_length if train else cfg.val_length, task=cfg.task)
     if cfg.name not in _READERS:
-        raise ValueError(f"data.name: expected one of {['synthetic', *_READERS]}, got {cfg.name!r}")
+        raise ConfigError(f"data.name: expected one of {['synthetic', *_READERS]}, got {cfg.name!r}")
     import importlib
 
     from .transforms import build_transforms
@@ -40,4 +42,4 @@ def build_dataset(cfg, split: str):
     return reader(cfg.root, split, build_transforms(cfg, train))
 
 
-__all__ = ["SyntheticDataset", "build_dataset", "collate"]
+__all__ = ["DatasetError", "MissingDataError", "SyntheticDataset", "build_dataset", "collate"]

@@ -10,22 +10,31 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..config import UserError
 from .transforms import add_targets
 
 IGNORE_LABEL = 255
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset file that cannot be decoded or that contradicts its format or annotations."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A dataset root, folder or file that is not where the layout puts it."""
 
 
 def read_array(path: str, mode: Optional[str] = None) -> np.ndarray:
     """Decode an image file fully (PIL opens lazily: truncated data only fails on load) into an array,
     converted to ``mode`` when given; a missing or undecodable file raises an error naming it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file: {path}")
+        raise MissingDataError(f"missing file: {path}")
     try:
         with Image.open(path) as im:
             im.load()
             return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode {path}: {e}") from e
+        raise DatasetError(f"cannot decode {path}: {e}") from e
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -37,7 +46,7 @@ def read_label_map(path: str) -> torch.Tensor:
     """Single-channel PNG (8-bit, 16-bit or 32-bit) as int64 [H,W]."""
     arr = read_array(path)
     if arr.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel label PNG, got an array of shape {arr.shape}")
+        raise DatasetError(f"{path}: expected a single-channel label PNG, got an array of shape {arr.shape}")
     return torch.from_numpy(arr.astype(np.int64))
 
 
@@ -46,13 +55,13 @@ def check_layout(root: str, required: Sequence[str], layout: str, dataset: str) 
     missing = [p for p in [""] + list(required) if not os.path.exists(os.path.join(root, p))]
     if missing:
         what = root if missing[0] == "" else os.path.join(root, missing[0])
-        raise FileNotFoundError(f"{dataset}: {what} does not exist. Expected this layout under the dataset "
+        raise MissingDataError(f"{dataset}: {what} does not exist. Expected this layout under the dataset "
                                 f"root:\n{layout}")
 
 
 def check_split(split: str, splits: Dict[str, str], dataset: str) -> str:
     if split not in splits:
-        raise ValueError(f"{dataset}: split must be one of {sorted(splits)}, got {split!r}")
+        raise DatasetError(f"{dataset}: split must be one of {sorted(splits)}, got {split!r}")
     return splits[split]
 
 
@@ -80,7 +89,7 @@ class SegmentationDataset(Dataset):
         h, w = sample["image"].shape[-2:]
         for k in ("sem_seg", "pan_seg"):
             if k in sample and tuple(sample[k].shape) != (h, w):
-                raise ValueError(f"{sample['file']}: annotation {k} has size {tuple(sample[k].shape)}, "
+                raise DatasetError(f"{sample['file']}: annotation {k} has size {tuple(sample[k].shape)}, "
                                  f"the image {(h, w)}")
         # The transform ends by deriving the targets itself; without one, derive them here.
         return self.transform(sample) if self.transform is not None else add_targets(sample, IGNORE_LABEL)

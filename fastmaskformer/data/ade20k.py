@@ -9,7 +9,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ._base import IGNORE_LABEL, SegmentationDataset, check_layout, check_split, read_image, read_label_map
+from ._base import (IGNORE_LABEL, DatasetError, MissingDataError, SegmentationDataset, check_layout, check_split,
+                    read_image, read_label_map)
 
 LAYOUT = """\
 <root>/ADEChallengeData2016/        (or <root> itself)
@@ -65,7 +66,7 @@ class ADE20KDataset(SegmentationDataset):
         check_layout(root, [image_dir, ann_dir], LAYOUT, "ADE20K")
         stems = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(root, image_dir)) if f.endswith(".jpg"))
         if not stems:
-            raise FileNotFoundError(f"ADE20K: no .jpg images in {os.path.join(root, image_dir)}")
+            raise MissingDataError(f"ADE20K: no .jpg images in {os.path.join(root, image_dir)}")
         self.records = [(os.path.join(root, image_dir, s + ".jpg"), os.path.join(root, ann_dir, s + ".png"))
                         for s in stems]
 
@@ -73,5 +74,5 @@ class ADE20KDataset(SegmentationDataset):
         image_path, ann_path = record
         raw = read_label_map(ann_path)
         if raw.numel() and int(raw.max()) > 150:
-            raise ValueError(f"{ann_path}: ADE20K labels lie in [0, 150], got {int(raw.max())}")
+            raise DatasetError(f"{ann_path}: ADE20K labels lie in [0, 150], got {int(raw.max())}")
         return {"image": read_image(image_path), "sem_seg": _LUT[raw], "file": image_path}

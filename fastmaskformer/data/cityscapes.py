@@ -14,7 +14,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from ._base import IGNORE_LABEL, SegmentationDataset, check_layout, check_split, read_image, read_label_map
+from ._base import (IGNORE_LABEL, DatasetError, MissingDataError, SegmentationDataset, check_layout, check_split,
+                    read_image, read_label_map)
 from .transforms import unique
 
 LAYOUT = """\
@@ -52,7 +53,7 @@ class CityscapesDataset(SegmentationDataset):
         check_layout(root, [image_dir, gt_dir], LAYOUT, "Cityscapes")
         images = sorted(glob.glob(os.path.join(root, image_dir, "*", "*" + _IMAGE_SUFFIX)))
         if not images:
-            raise FileNotFoundError(f"Cityscapes: no *{_IMAGE_SUFFIX} files in {os.path.join(root, image_dir)}/<city>/")
+            raise MissingDataError(f"Cityscapes: no *{_IMAGE_SUFFIX} files in {os.path.join(root, image_dir)}/<city>/")
         self.panoptic = panoptic
         self.records = []
         for path in images:
@@ -64,7 +65,7 @@ class CityscapesDataset(SegmentationDataset):
         image_path, label_path, instance_path = record
         label_ids = read_label_map(label_path)
         if label_ids.numel() and (int(label_ids.min()) < 0 or int(label_ids.max()) > 255):
-            raise ValueError(f"{label_path}: label ids must lie in [0, 255], got [{int(label_ids.min())}, "
+            raise DatasetError(f"{label_path}: label ids must lie in [0, 255], got [{int(label_ids.min())}, "
                              f"{int(label_ids.max())}]")
         sample = {"image": read_image(image_path), "sem_seg": _LUT[label_ids], "file": image_path}
         if self.panoptic:
@@ -75,7 +76,7 @@ class CityscapesDataset(SegmentationDataset):
         ids = unique(values)
         label_of = torch.where(ids >= 1000, ids // 1000, ids)
         if len(ids) and int(label_of.max()) > 255:
-            raise ValueError(f"{path}: instance value {int(ids[label_of.argmax()])} decodes to an unknown label id")
+            raise DatasetError(f"{path}: instance value {int(ids[label_of.argmax()])} decodes to an unknown label id")
         train_of = _LUT[label_of]
         segments = [{"id": int(v), "category_id": int(c), "isthing": int(c) in THING_CLASSES,
                      "iscrowd": int(v < 1000 and int(c) in THING_CLASSES)}

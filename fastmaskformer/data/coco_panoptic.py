@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ._base import IGNORE_LABEL, SegmentationDataset, check_layout, check_split, read_array, read_image
+from ._base import IGNORE_LABEL, DatasetError, SegmentationDataset, check_layout, check_split, read_array, read_image
 from .transforms import unique
 
 LAYOUT = """\
@@ -70,7 +70,7 @@ class COCOPanopticDataset(SegmentationDataset):
                 meta = json.load(f)
             categories, images, annotations = meta["categories"], meta["images"], meta["annotations"]
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise ValueError(f"{json_path}: not a COCO panoptic JSON ({type(e).__name__}: {e})") from e
+            raise DatasetError(f"{json_path}: not a COCO panoptic JSON ({type(e).__name__}: {e})") from e
         self.contiguous = {c["id"]: i for i, c in enumerate(categories)}
         self.num_classes = len(categories)
         self.class_names = [c["name"] for c in categories]
@@ -80,7 +80,7 @@ class COCOPanopticDataset(SegmentationDataset):
         image_files = {im["id"]: im["file_name"] for im in images}
         missing = [a["image_id"] for a in annotations if a["image_id"] not in image_files]
         if missing:
-            raise ValueError(f"{json_path}: annotations refer to image ids {missing[:5]} absent from its images list")
+            raise DatasetError(f"{json_path}: annotations refer to image ids {missing[:5]} absent from its images list")
         self.records = [(os.path.join(root, year_split, image_files[a["image_id"]]),
                          os.path.join(root, f"panoptic_{year_split}", a["file_name"]), a["segments_info"])
                         for a in sorted(annotations, key=lambda a: a["file_name"])]
@@ -89,7 +89,7 @@ class COCOPanopticDataset(SegmentationDataset):
         out = []
         for s in infos:
             if s["category_id"] not in self.contiguous:
-                raise ValueError(f"{ann_path}: segment {s['id']} has category_id {s['category_id']}, which is not "
+                raise DatasetError(f"{ann_path}: segment {s['id']} has category_id {s['category_id']}, which is not "
                                  "in the JSON's categories")
             cat = self.contiguous[s["category_id"]]
             out.append({"id": int(s["id"]), "category_id": cat, "isthing": cat in self._things,
@@ -105,7 +105,7 @@ class COCOPanopticDataset(SegmentationDataset):
         ids, where = unique(pan_seg, return_inverse=True)
         unknown = [i for i in ids.tolist() if i != 0 and i not in category]
         if unknown:
-            raise ValueError(f"{ann_path}: segment ids {unknown[:5]} appear in the PNG but not in the JSON's "
+            raise DatasetError(f"{ann_path}: segment ids {unknown[:5]} appear in the PNG but not in the JSON's "
                              "segments_info")
         sem_seg = torch.tensor([category.get(i, IGNORE_LABEL) for i in ids.tolist()], dtype=torch.int64)[where]
         return {"image": read_image(image_path), "sem_seg": sem_seg, "pan_seg": pan_seg, "segments": segments,

@@ -22,10 +22,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..config import UserError
+
 TRAINING_KEYS = ("model", "optimizer", "scheduler", "scaler", "iteration", "rng", "data_position")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that cannot be read, or that does not hold what it should."""
 
 
@@ -97,6 +99,17 @@ def load(path: str, required: Tuple[str, ...] = ()) -> Dict:
     if missing:
         raise CheckpointError(f"{path}: expected a checkpoint with {list(required)}, it lacks {missing}")
     return state
+
+
+def load_model_state(model: torch.nn.Module, state: Dict, path: str) -> None:
+    """``model.load_state_dict(state)``; CheckpointError naming ``path`` when the weights do not fit
+    the model (another config, another architecture)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{path}: its weights do not fit the model of this config "
+                              f"({detail[:500]}{'...' if len(detail) > 500 else ''})") from e
 
 
 def load_newest(output_dir: str) -> Optional[Tuple[str, Dict]]:

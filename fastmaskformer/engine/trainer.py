@@ -117,8 +117,8 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def load_state_dict(self, state: Dict) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: Dict, path: str = "checkpoint") -> None:
+        ckpt.load_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -152,7 +152,7 @@ class Trainer:
             raise ckpt.CheckpointError(error)
         if path is None:
             return False
-        self.load_state_dict(found[1] if found else ckpt.load(path, ckpt.TRAINING_KEYS))
+        self.load_state_dict(found[1] if found else ckpt.load(path, ckpt.TRAINING_KEYS), path)
         if self.dist.is_main:
             tqdm.write(f"resumed from {path} at iteration {self.iteration}")
         return True
