@@ -1,15 +1,19 @@
 """The decisions setup.py makes before it compiles fastmaskformer._C, as functions that tests can call
-without building anything: which CUDA architectures to build for when nobody said.
+without building anything: which CUDA architectures to build for when nobody said, and whether the
+C++ compiler takes OpenMP.
 
-Each decision is a pure function of its inputs (``cuda_arch_list``) plus a probe that gathers those
-inputs from the machine (``probe_cuda_archs``).
+Each decision is a pure function of its inputs (``cuda_arch_list``, ``choose_openmp``) plus a probe
+that gathers those inputs from the machine (``probe_cuda_archs``, ``compiler_accepts``).
 """
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
-from typing import List, Optional, Sequence, Tuple
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 # ---------------------------------------------------------------------------------------------- CUDA
 
@@ -65,3 +69,96 @@ def probe_cuda_archs(cuda_home: Optional[str]) -> Tuple[int, List[str], Optional
         except (OSError, subprocess.SubprocessError):
             pass
     return torch.cuda.device_count(), torch.cuda.get_arch_list(), nvcc_archs
+
+
+# -------------------------------------------------------------------------------------------- OpenMP
+
+OPENMP_TEST = """\
+#include <omp.h>
+int main() {
+  int n = 0;
+#pragma omp parallel reduction(+ : n)
+  n += 1;
+  return n == omp_get_max_threads() ? 0 : 1;
+}
+"""
+SIMD_TEST = """\
+int main() {
+  float a[8] = {0};
+#pragma omp simd
+  for (int i = 0; i < 8; ++i) a[i] += 1.0f;
+  return a[7] == 1.0f ? 0 : 1;
+}
+"""
+
+
+def compiler_accepts(flag: str, source: str, compiler: Optional[str] = None) -> bool:
+    """Whether ``compiler`` (default: $CXX or c++, the compiler torch's cpp_extension uses) compiles
+    and links ``source`` with ``flag`` in both steps."""
+    compiler = shlex.split(compiler or os.environ.get("CXX") or "c++")
+    with tempfile.TemporaryDirectory(prefix="fmf_probe_") as d:
+        src = os.path.join(d, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(source)
+        try:
+            out = subprocess.run([*compiler, flag, src, "-o", os.path.join(d, "probe")], capture_output=True,
+                                 timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.returncode == 0
+
+
+@dataclass(frozen=True)
+class OpenMP:
+    """The OpenMP decision: ``enabled`` (OpenMP runtime: -fopenmp), the compile and link flags, and why."""
+
+    enabled: bool
+    cxx_flags: Tuple[str, ...]
+    link_flags: Tuple[str, ...]
+    reason: str
+
+
+def choose_openmp(setting: Optional[str], accepts: Callable[[str], bool]) -> OpenMP:
+    """OpenMP flags for ``setting`` (FASTMASKFORMER_OPENMP: "" or None = use it when the compiler
+    takes it, "0" = off, "1" = required) and ``accepts(flag)``, the compiler probe.
+
+    Without the runtime the CPU kernels still build and give the same results: their
+    ``at::parallel_for`` loops run on one thread (ATen's header-only OpenMP path needs _OPENMP), and
+    ``#pragma omp simd`` hints keep working under ``-fopenmp-simd`` where the compiler has it.
+    """
+    setting = (setting or "").strip()
+    if setting not in ("", "0", "1"):
+        raise ValueError(f"FASTMASKFORMER_OPENMP: expected 0, 1 or unset, got {setting!r}")
+    if setting != "0":
+        if accepts("-fopenmp"):
+            why = "FASTMASKFORMER_OPENMP=1" if setting == "1" else "the compiler supports it"
+            return OpenMP(True, ("-fopenmp",), ("-fopenmp",), f"OpenMP on ({why})")
+        if setting == "1":
+            raise ValueError("FASTMASKFORMER_OPENMP=1, but the C++ compiler does not compile and link -fopenmp "
+                             "(Apple clang: install libomp, or unset FASTMASKFORMER_OPENMP)")
+        why = "the C++ compiler does not support -fopenmp"
+    else:
+        why = "FASTMASKFORMER_OPENMP=0"
+    # Without -fopenmp, the `#pragma omp simd` loops are unknown pragmas: -fopenmp-simd keeps them as
+    # vectorization hints (no runtime library needed); otherwise silence the warning.
+    simd = ("-fopenmp-simd",) if accepts("-fopenmp-simd") else ("-Wno-unknown-pragmas",)
+    return OpenMP(False, simd, (), f"OpenMP off ({why}); CPU ops run their parallel loops on one thread")
+
+
+def probe_openmp(setting: Optional[str], compiler: Optional[str] = None) -> OpenMP:
+    """``choose_openmp`` with this machine's C++ compiler as the probe."""
+    sources = {"-fopenmp": OPENMP_TEST, "-fopenmp-simd": SIMD_TEST}
+    return choose_openmp(setting, lambda flag: compiler_accepts(flag, sources[flag], compiler))
+
+
+# ------------------------------------------------------------------------------------------- flags
+
+
+def compile_flags(version: str, openmp: OpenMP, with_cuda: bool) -> dict:
+    """``extra_compile_args`` (``{"cxx": [...]}``, plus ``"nvcc"`` with CUDA) and ``extra_link_args``
+    of the extension."""
+    version_macro = f'-DFMF_VERSION="{version}"'
+    compile_args = {"cxx": ["-O3", *openmp.cxx_flags, version_macro]}
+    if with_cuda:
+        compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", version_macro]
+    return {"extra_compile_args": compile_args, "extra_link_args": list(openmp.link_flags)}

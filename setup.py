@@ -5,7 +5,9 @@ build of torch and nvcc are both present. ``FASTMASKFORMER_CUDA=1`` forces the C
 loudly if it cannot be built), ``FASTMASKFORMER_CUDA=0`` skips it. Set TORCH_CUDA_ARCH_LIST and
 MAX_JOBS to control what nvcc builds and how many compilers run at once (the Makefile does). With
 TORCH_CUDA_ARCH_LIST unset and no GPU visible (build hosts, CI), the default is every architecture
-the installed torch was built for (see build_config.cuda_arch_list).
+the installed torch was built for (see build_config.cuda_arch_list). OpenMP is used when the C++
+compiler compiles and links ``-fopenmp`` (probed; not Apple's clang without libomp);
+``FASTMASKFORMER_OPENMP=0`` turns it off, ``=1`` requires it.
 """
 import glob
 import os
@@ -61,6 +63,16 @@ def _set_cuda_arch_list():
     print(f"fastmaskformer: {why}")
 
 
+def _openmp():
+    """OpenMP where the C++ compiler supports it (probed); FASTMASKFORMER_OPENMP=0 turns it off."""
+    try:
+        openmp = build_config.probe_openmp(os.environ.get("FASTMASKFORMER_OPENMP"))
+    except ValueError as e:
+        sys.exit(f"fastmaskformer: {e}")
+    print(f"fastmaskformer: {openmp.reason}")
+    return openmp
+
+
 def _extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -74,11 +86,12 @@ def _extensions():
     with_cuda = _want_cuda()
     if with_cuda:
         _set_cuda_arch_list()
-    cxx = ["-O3", "-fopenmp", f'-DFMF_VERSION="{VERSION}"']
+    openmp = _openmp()
+    flags = build_config.compile_flags(VERSION, openmp, with_cuda)
     kwargs = dict(
         name="fastmaskformer._C",
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=flags["extra_link_args"],
     )
     if with_cuda:
         # Some CUDA installs lack the library headers (cusparse.h, cublas_v2.h) that ATen's CUDA
@@ -90,16 +103,15 @@ def _extensions():
                 kwargs["include_dirs"] += sorted(glob.glob(os.path.join(d, "cu*", "include")))
         except ImportError:
             pass
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", f'-DFMF_VERSION="{VERSION}"']
         return [
             CUDAExtension(
                 sources=cpp + cu,
                 define_macros=[("WITH_CUDA", None)],
-                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_compile_args=flags["extra_compile_args"],
                 **kwargs,
             )
         ]
-    return [CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **kwargs)]
+    return [CppExtension(sources=cpp, extra_compile_args=flags["extra_compile_args"], **kwargs)]
 
 
 def _cmdclass():

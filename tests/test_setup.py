@@ -1,5 +1,10 @@
 """setup.py's build decisions (build_config), checked without building: the CUDA architecture list
-it picks when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible."""
+it picks when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible, and the OpenMP flags it passes
+(probed from the compiler, FASTMASKFORMER_OPENMP=0 forcing them off).
+
+Why no second build with OpenMP off in CI: a build of _C costs minutes of the 2-core CI machine and
+ninja cannot share objects between two flag sets, so CI checks the flags that reach the compiler
+(below) and the real build's OpenMP state against the probe (tests/test_ext.py)."""
 import os
 import subprocess
 import sys
@@ -55,15 +60,21 @@ def test_torch_accepts_the_default(monkeypatch):
     assert ["-gencode=arch=compute_120,code=compute_120"] == [f for f in flags if ",code=compute_" in f]
 
 
-def test_setup_py_reports_its_choice_on_this_machine():
-    """What `pip install -e .` prints here, from the real probes (torch, nvcc, GPUs): setup.py is run
-    with --version, which configures the extension without compiling it."""
+def _setup_py_output(**env_changes):
+    """stdout of ``setup.py --version`` (it configures the extension without compiling it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "FASTMASKFORMER_CUDA",
-                                                             "FASTMASKFORMER_NO_EXT")}
+                                                             "FASTMASKFORMER_NO_EXT", "FASTMASKFORMER_OPENMP")}
+    env.update(env_changes)
     out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("fastmaskformer:")]
+    return [ln for ln in out.stdout.splitlines() if ln.startswith("fastmaskformer:")]
+
+
+def test_setup_py_reports_its_choice_on_this_machine():
+    """What `pip install -e .` prints here, from the real probes (torch, nvcc, GPUs): setup.py is run
+    with --version, which configures the extension without compiling it."""
+    lines = _setup_py_output()
     if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
         assert any("skipping the CUDA sources" in ln for ln in lines), lines
         return
@@ -74,3 +85,70 @@ def test_setup_py_reports_its_choice_on_this_machine():
         assert any(f"{gpus} visible GPU" in ln for ln in lines), lines
     else:
         assert any(f"no GPU visible: building for {expected}," in ln for ln in lines), lines
+
+
+# ---------------------------------------------------------------------------------------------- OpenMP
+def _accepts(*flags):
+    return lambda flag: flag in flags
+
+
+@pytest.mark.parametrize("setting, supported, enabled, cxx, why", [
+    (None, ("-fopenmp", "-fopenmp-simd"), True, ("-fopenmp",), "the compiler supports it"),
+    ("1", ("-fopenmp", "-fopenmp-simd"), True, ("-fopenmp",), "FASTMASKFORMER_OPENMP=1"),
+    ("0", ("-fopenmp", "-fopenmp-simd"), False, ("-fopenmp-simd",), "FASTMASKFORMER_OPENMP=0"),
+    ("", ("-fopenmp-simd",), False, ("-fopenmp-simd",), "does not support -fopenmp"),  # Apple clang
+    ("", (), False, ("-Wno-unknown-pragmas",), "does not support -fopenmp"),
+])
+def test_openmp_decision(setting, supported, enabled, cxx, why):
+    omp = build_config.choose_openmp(setting, _accepts(*supported))
+    assert (omp.enabled, omp.cxx_flags, omp.link_flags) == (enabled, cxx, ("-fopenmp",) if enabled else ())
+    assert why in omp.reason
+
+
+def test_openmp_required_but_missing_or_misspelt():
+    with pytest.raises(ValueError, match="FASTMASKFORMER_OPENMP=1, but the C\\+\\+ compiler does not"):
+        build_config.choose_openmp("1", _accepts("-fopenmp-simd"))
+    with pytest.raises(ValueError, match="FASTMASKFORMER_OPENMP: expected 0, 1 or unset, got 'yes'"):
+        build_config.choose_openmp("yes", _accepts())
+
+
+@pytest.mark.parametrize("with_cuda", [False, True])
+def test_extension_flags_without_openmp(with_cuda):
+    """What setup.py hands the compilers and the linker when OpenMP is off: no -fopenmp anywhere."""
+    off = build_config.choose_openmp("0", _accepts("-fopenmp", "-fopenmp-simd"))
+    flags = build_config.compile_flags("9.9.9", off, with_cuda)
+    assert flags["extra_link_args"] == []
+    assert flags["extra_compile_args"]["cxx"] == ["-O3", "-fopenmp-simd", '-DFMF_VERSION="9.9.9"']
+    assert set(flags["extra_compile_args"]) == ({"cxx", "nvcc"} if with_cuda else {"cxx"})
+    on = build_config.compile_flags("9.9.9", build_config.choose_openmp("", _accepts("-fopenmp")), with_cuda)
+    assert on["extra_link_args"] == ["-fopenmp"] and "-fopenmp" in on["extra_compile_args"]["cxx"]
+
+
+@pytest.fixture
+def compiler_without_openmp(tmp_path):
+    """A C++ compiler that, like Apple's clang, rejects -fopenmp (and compiles everything else)."""
+    path = tmp_path / "c++-no-openmp"
+    path.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && { echo "unsupported option '
+                    "'-fopenmp'\" >&2; exit 1; }; done\nexec c++ \"$@\"\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_probe_on_this_machine_and_on_a_compiler_without_openmp(compiler_without_openmp):
+    import shutil
+
+    assert shutil.which("c++")
+    version = subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout
+    if "Free Software Foundation" in version:  # GCC (CI's compiler) ships libgomp
+        assert build_config.probe_openmp(None, "c++").enabled
+    omp = build_config.probe_openmp(None, compiler_without_openmp)
+    assert not omp.enabled and omp.cxx_flags == ("-fopenmp-simd",) and omp.link_flags == ()
+    assert not build_config.probe_openmp("0", "c++").enabled
+
+
+def test_setup_py_configures_without_openmp(compiler_without_openmp):
+    assert "fastmaskformer: OpenMP off (FASTMASKFORMER_OPENMP=0); CPU ops run their parallel loops on one thread" \
+        in _setup_py_output(FASTMASKFORMER_OPENMP="0", FASTMASKFORMER_CUDA="0")
+    lines = _setup_py_output(CXX=compiler_without_openmp, FASTMASKFORMER_CUDA="0")
+    assert any("OpenMP off (the C++ compiler does not support -fopenmp)" in ln for ln in lines), lines
+    assert "fastmaskformer: OpenMP on (the compiler supports it)" in _setup_py_output(FASTMASKFORMER_CUDA="0")
