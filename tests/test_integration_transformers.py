@@ -81,7 +81,8 @@ def test_use_fused_in_model_forward():
     expected_loss, expected_grad = step()
     assert use_fused(model) is model
     assert isinstance(model.criterion, FusedMaskFormerLoss)
-    assert (model.criterion.eos_coef, model.criterion.matcher.cost_mask, model.criterion.matcher.cost_dice) == (0.2, 10.0, 2.0)
+    fused = model.criterion
+    assert (fused.eos_coef, fused.matcher.cost_mask, fused.matcher.cost_dice) == (0.2, 10.0, 2.0)
     loss, grad = step()
     assert_close(loss, expected_loss, what="model loss")
     assert_close(grad, expected_grad, what="class_predictor grad", grad=True)
