@@ -11,8 +11,9 @@ transformers' semantics, which the fused criterion shares: ``mask_labels`` is a 
 [N_i, H, W] masks (its image processor pads them to the batch's size; masks of different sizes are
 zero-padded here before matching, as in the official MaskFormer, where transformers' matcher would
 resize each unpadded), ``class_labels`` a list of int64 [N_i]; the matcher's class cost weight
-is 1 and its mask and dice weights are the config's; "no object" has the class weight ``config.no_object_weight``; the losses
-are divided by the number of target masks (averaged over processes, at least 1).
+is 1 and its mask and dice weights are the config's; "no object" has the class weight
+``config.no_object_weight``; the losses are divided by the number of target masks (averaged over
+processes, at least 1).
 """
 from __future__ import annotations
 
