@@ -136,6 +136,7 @@ setup(
         # transformers, safetensors and pycocotools are test oracles (reference models, COCO AP).
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ninja", "transformers", "safetensors", "pycocotools"],
         "lapjv": ["lapjv"],
+        "coco": ["pycocotools"],  # COCO instance segmentation: reading RLE/polygons and mask AP
     },
     entry_points={"console_scripts": ["fastmaskformer-train=fastmaskformer.train:main"]},
 )

@@ -88,14 +88,14 @@ class ModelConfig:
 class DataConfig:
     """Which dataset to read and how to augment it."""
 
-    name: Literal["synthetic", "ade20k", "coco_panoptic", "cityscapes"] = "synthetic"
+    name: Literal["synthetic", "ade20k", "coco_panoptic", "coco_instance", "cityscapes"] = "synthetic"
     """Dataset name (see ``fastmaskformer.data.build_dataset``)."""
     root: str = "datasets"
     """Directory holding the dataset (ignored by "synthetic")."""
-    task: Literal["semantic", "panoptic"] = "semantic"
-    """What is trained and evaluated: mIoU on semantic masks, or PQ on panoptic segments."""
+    task: Literal["semantic", "panoptic", "instance"] = "semantic"
+    """What is trained and evaluated: mIoU on semantic masks, PQ on panoptic segments, or mask AP on instances."""
     num_classes: int = 8
-    """Number of categories, without "no object" (ADE20K 150, COCO panoptic 133, Cityscapes 19)."""
+    """Number of categories, without "no object" (ADE20K 150, COCO panoptic 133, COCO 80, Cityscapes 19)."""
     train_split: str = "train"
     """Split used for training."""
     val_split: str = "val"

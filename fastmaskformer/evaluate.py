@@ -1,6 +1,6 @@
 """Evaluate a trained model on a config's validation split:
 
-    python -m fastmaskformer.evaluate --config FILE --checkpoint CKPT [--task semantic|panoptic]
+    python -m fastmaskformer.evaluate --config FILE --checkpoint CKPT [--task semantic|panoptic|instance]
         [--multi-scale] [--flip] [--output metrics.json] [--debug] [key=value ...]
 
 The loop itself is ``fastmaskformer.engine.evaluator.run_evaluation`` (re-exported here); the model

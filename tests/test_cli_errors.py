@@ -91,7 +91,8 @@ def test_evaluate_checkpoint_of_another_model(tmp_path, weights):
 
 
 def test_evaluate_missing_checkpoint_and_bad_key(tmp_path):
-    _clean_error(_run(tmp_path, "evaluate", "--checkpoint", "nope.pth"), 2, "error: --checkpoint: nope.pth does not exist")
+    _clean_error(_run(tmp_path, "evaluate", "--checkpoint", "nope.pth"), 2,
+                 "error: --checkpoint: nope.pth does not exist")
     _clean_error(_run(tmp_path, "evaluate", "--checkpoint", "nope.pth", "data.bogus=1"), 2,
                  "error: data.bogus: unknown key")
 

@@ -121,7 +121,7 @@ def test_progress_bar_path_runs():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(task="instance", num_classes=K), "task: expected one of"),
+    (dict(task="depth", num_classes=K), "task: expected one of"),
     (dict(task="panoptic", num_classes=K, thing_classes=[], flip=True), "not defined for task='panoptic'"),
     (dict(task="semantic"), "num_classes: not given"),
     (dict(task="panoptic", num_classes=K), "thing_classes: needed"),

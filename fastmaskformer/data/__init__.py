@@ -4,8 +4,9 @@ Every dataset yields samples of one format: ``image`` float32 [3,H,W] RGB in [0,
 int64 [N]; ``masks`` bool [N,H,W] (one per segment; for semantic datasets one per present class);
 ``sem_seg`` int64 [H,W] with the ignore label (255) where unannotated; for panoptic data
 ``pan_seg`` int64 [H,W] (segment id per pixel, 0 = void) and ``segments`` (a list of
-``{"id", "category_id", "isthing"}``); optionally ``file``. Dataset classes carry ``num_classes``,
-``class_names`` and ``thing_classes`` (category ids of things).
+``{"id", "category_id", "isthing"}``); for instance data ``inst_masks`` bool [N,H,W],
+``inst_labels``, ``inst_iscrowd``, ``image_id`` and ``orig_size``; optionally ``file``. Dataset
+classes carry ``num_classes``, ``class_names`` and ``thing_classes`` (category ids of things).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from .synthetic import SyntheticDataset
 _READERS = {
     "ade20k": ("ade20k", "ADE20KDataset"),
     "coco_panoptic": ("coco_panoptic", "COCOPanopticDataset"),
+    "coco_instance": ("coco_instance", "COCOInstanceDataset"),
     "cityscapes": ("cityscapes", "CityscapesDataset"),
 }
 

@@ -21,7 +21,8 @@ def collate(samples: Sequence[Dict], size_divisibility: int = 32, ignore_label: 
     Returns a dict with ``images`` [B,3,Hp,Wp] (zero-padded), ``image_sizes`` [(H,W)] per image,
     ``targets`` [{"labels", "masks" [N,Hp,Wp] zero-padded}], ``sem_seg`` [B,Hp,Wp] padded with
     ``ignore_label``, ``pan_seg`` [B,Hp,Wp] padded with 0 (void) and ``segments`` when every
-    sample has them, and ``files`` when every sample names its file.
+    sample has them, and ``files`` / ``image_ids`` / ``orig_sizes`` when every sample has a
+    ``file`` / ``image_id`` / ``orig_size``.
     """
     if len(samples) == 0:
         raise ValueError("samples: expected at least one sample, got an empty batch")
@@ -38,6 +39,7 @@ def collate(samples: Sequence[Dict], size_divisibility: int = 32, ignore_label: 
     if all("pan_seg" in s for s in samples):
         batch["pan_seg"] = torch.stack([_pad(s["pan_seg"], hw, 0) for s in samples])
         batch["segments"] = [s["segments"] for s in samples]
-    if all("file" in s for s in samples):
-        batch["files"] = [s["file"] for s in samples]
+    for key in ("file", "image_id", "orig_size"):  # per-image facts, kept as lists
+        if all(key in s for s in samples):
+            batch[key + "s"] = [s[key] for s in samples]
     return batch

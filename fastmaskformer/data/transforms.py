@@ -22,8 +22,9 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 Sample = Dict
-LABEL_MAPS = ("sem_seg", "pan_seg")  # integer maps that move with the image; nearest resampling
-FILL = {"image": 0.0, "pan_seg": 0}  # padding; sem_seg pads with the ignore label
+# Integer maps [H,W] and instance mask stacks [N,H,W] that move with the image; nearest resampling.
+LABEL_MAPS = ("sem_seg", "pan_seg", "inst_masks")
+FILL = {"image": 0.0, "pan_seg": 0, "inst_masks": False}  # padding; sem_seg pads with the ignore label
 
 
 def _uniform(lo: float, hi: float) -> float:
@@ -60,7 +61,7 @@ def resize(sample: Sample, size: Tuple[int, int]) -> Sample:
     ys, xs = _nearest_index(h, size[0]), _nearest_index(w, size[1])
     for k in LABEL_MAPS:
         if k in sample:
-            out[k] = sample[k][ys[:, None], xs[None, :]]
+            out[k] = sample[k][..., ys[:, None], xs[None, :]]
     return out
 
 
@@ -102,11 +103,17 @@ def pad_to(sample: Sample, size: Tuple[int, int], ignore_label: int) -> Sample:
 
 
 def add_targets(sample: Sample, ignore_label: int = 255) -> Sample:
-    """``labels``/``masks`` from the maps: one mask per non-crowd segment present in ``pan_seg`` when
-    the sample is panoptic (``segments`` shrinks to the segments still present), else one per class
+    """``labels``/``masks`` from the maps: one mask per non-crowd instance with pixels left when the
+    sample has an instance stack (``inst_masks``), one per non-crowd segment present in ``pan_seg``
+    when it is panoptic (``segments`` shrinks to the segments still present), else one per class
     present in ``sem_seg`` (ignore pixels belong to no mask)."""
     out = dict(sample)
-    if "pan_seg" in sample:
+    if "inst_masks" in sample:
+        masks = sample["inst_masks"]
+        keep = ~sample["inst_iscrowd"] & masks.flatten(1).any(1)
+        out["labels"] = sample["inst_labels"][keep]
+        out["masks"] = masks[keep]
+    elif "pan_seg" in sample:
         present = set(unique(sample["pan_seg"]).tolist())
         out["segments"] = [s for s in sample["segments"] if s["id"] in present]
         kept = [s for s in out["segments"] if not s.get("iscrowd", 0)]

@@ -1,5 +1,6 @@
 """The training engine: model building, loop, evaluation loop, optimizer and schedule, checkpoints,
-distributed setup, data loading, metrics and pictures. ``train(cfg)`` is what ``python -m fastmaskformer.train`` runs."""
+distributed setup, data loading, metrics and pictures. ``train(cfg)`` is what
+``python -m fastmaskformer.train`` runs."""
 from __future__ import annotations
 
 from typing import Dict

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..evaluation import PanopticEvaluator, SemSegEvaluator
+from ..evaluation import InstanceEvaluator, PanopticEvaluator, SemSegEvaluator
 
-TASKS = ("semantic", "panoptic")
+TASKS = ("semantic", "panoptic", "instance")
 # The official MaskFormer test-time augmentation: shortest edges 256..896 around the 512 test size.
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
@@ -63,14 +63,15 @@ def run_evaluation(model, loader, task: str = "semantic", num_classes: Optional[
                    class_names: Optional[Sequence[str]] = None) -> Dict:
     """Run ``model.predict`` over ``loader`` (batches from fastmaskformer.data.collate) and return the
     metrics: mIoU, fwIoU, pixel_acc, mean_acc, per_class_iou for "semantic"; PQ/SQ/RQ (all, _th, _st)
-    and per_class for "panoptic". ``multi_scale`` (scales of the loaded size) and ``flip`` average
+    and per_class for "panoptic"; AP, AP50, AP75, APs, APm, APl and per_class (COCO mask AP against
+    ``loader.dataset.coco``) for "instance". ``multi_scale`` (scales of the loaded size) and ``flip`` average
     semantic scores over views. Missing num_classes / thing_classes / class_names come from
     ``loader.dataset``. Rank 0 prints a table and, given ``output_path``, writes the metrics as JSON."""
     if task not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {task!r}")
-    if task == "panoptic" and (multi_scale or flip):
+    if task != "semantic" and (multi_scale or flip):
         raise ValueError("multi_scale/flip: test-time augmentation averages semantic scores; it is not "
-                         "defined for task='panoptic'")
+                         f"defined for task={task!r}")
     dataset = getattr(loader, "dataset", None)
     num_classes = num_classes if num_classes is not None else getattr(dataset, "num_classes", None)
     if num_classes is None:
@@ -78,6 +79,8 @@ def run_evaluation(model, loader, task: str = "semantic", num_classes: Optional[
     class_names = class_names if class_names is not None else getattr(dataset, "class_names", None)
     if task == "semantic":
         evaluator = SemSegEvaluator(num_classes, ignore_label, class_names)
+    elif task == "instance":
+        evaluator = _instance_evaluator(dataset, num_classes, class_names)
     else:
         thing_classes = thing_classes if thing_classes is not None else getattr(dataset, "thing_classes", None)
         if thing_classes is None:
@@ -99,6 +102,12 @@ def run_evaluation(model, loader, task: str = "semantic", num_classes: Optional[
                 scores = semantic_scores(net, images, sizes, multi_scale or (1.0,), flip)
                 for s, gt, (h, w) in zip(scores, batch["sem_seg"], sizes):
                     evaluator.process(s.argmax(0).cpu(), gt[:h, :w].cpu())
+            elif task == "instance":
+                if "image_ids" not in batch:
+                    raise ValueError("task='instance': the loader's batches carry no image_ids (is the dataset "
+                                     "COCO instances?)")
+                for pred, image_id in zip(net.predict(_crops(images, sizes), "instance"), batch["image_ids"]):
+                    evaluator.process(image_id, pred["scores"], pred["labels"], pred["masks"])
             else:
                 if "pan_seg" not in batch:
                     raise ValueError("task='panoptic': the loader's batches carry no pan_seg/segments (is the "
@@ -118,6 +127,17 @@ def run_evaluation(model, loader, task: str = "semantic", num_classes: Optional[
     return metrics
 
 
+def _instance_evaluator(dataset, num_classes: int, class_names) -> InstanceEvaluator:
+    """AP against the dataset's own JSON: its pycocotools index and contiguous -> COCO category ids."""
+    coco, category_ids = getattr(dataset, "coco", None), getattr(dataset, "category_ids", None)
+    if coco is None or category_ids is None:
+        raise ValueError("task='instance': loader.dataset must carry the ground truth as a pycocotools index "
+                         "(.coco) and .category_ids, as COCOInstanceDataset does")
+    if len(category_ids) != num_classes:
+        raise ValueError(f"num_classes: the dataset has {len(category_ids)} categories, got {num_classes}")
+    return InstanceEvaluator(coco, category_ids, class_names)
+
+
 def _fmt(v: float) -> str:
     return "   nan" if v is None or math.isnan(v) else f"{v:6.2f}"
 
@@ -127,6 +147,9 @@ def format_table(metrics: Dict) -> str:
     if "mIoU" in metrics:
         head = " | ".join(f"{k} {_fmt(metrics[k])}" for k in ("mIoU", "fwIoU", "pixel_acc", "mean_acc"))
         rows = [f"{name:<24} IoU {_fmt(v)}" for name, v in metrics["per_class_iou"].items()]
+    elif "AP" in metrics:
+        head = " | ".join(f"{k} {_fmt(metrics[k])}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        rows = [f"{name:<24} AP {_fmt(v)}" for name, v in metrics["per_class"].items()]
     else:
         head = "\n".join(" | ".join(f"{k}{g} {_fmt(metrics[k + g])}" for k in ("PQ", "SQ", "RQ"))
                          for g in ("", "_th", "_st"))
