@@ -242,7 +242,7 @@ def test_native_compiles_fullgraph_with_autograd():
 
 @needs_native
 def test_native_backward_is_deterministic_across_thread_counts():
-    """Each (image, head, level) task owns the rows it writes: bitwise the same on 1 or 2 threads."""
+    """Each (image, head) task owns the rows it writes: bitwise the same on 1 or 2 threads."""
     args = _inputs(2, [(6, 7), (3, 4)], 4, 8, 40, 4, lo=0.2, hi=0.4)  # crowded: many points share rows
     grad = torch.randn(2, 40, 32)
     threads = torch.get_num_threads()
