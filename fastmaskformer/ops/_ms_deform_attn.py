@@ -91,8 +91,10 @@ def _check(value, spatial_shapes, level_start_index, sampling_locations, attenti
     if level_start_index.shape[0] != L:
         raise ValueError(f"level_start_index: expected {L} entries (one per level), got shape "
                          f"{tuple(level_start_index.shape)}")
-    # Value-level checks only where the numbers are already on the host: never a device sync here.
-    if isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type != "cpu":
+    # Value-level checks only where the numbers are already on the host: never a device sync here,
+    # and none while torch.compile traces (reading a tensor's values would break the graph).
+    if (isinstance(spatial_shapes, torch.Tensor) and spatial_shapes.device.type != "cpu") or \
+            torch.compiler.is_compiling():
         return
     shapes = level_shapes(spatial_shapes)
     if any(h < 1 or w < 1 for h, w in shapes):
