@@ -88,13 +88,19 @@ class Op:
         traits: inputs -> a small hashable value; with the device type and dtype of the first
             tensor argument it is the cache key of the backend choice, so every ``supports()`` of
             this op must be a function of those three alone.
+        autocast_lower: under torch.autocast, cast the floating tensor arguments to the autocast
+            dtype before any backend runs, as autocast does for matmul-like ops (einsum, bmm), so a
+            custom kernel sees what the reference would compute with. Ops that accumulate in fp32
+            whatever their input dtype (the losses, the matching cost) leave it False: their
+            kernels read fp16/bf16 as they come.
     """
 
     def __init__(self, name: str, reference: Callable, check: Optional[Callable] = None,
-                 traits: Optional[Callable[..., Hashable]] = None):
+                 traits: Optional[Callable[..., Hashable]] = None, autocast_lower: bool = False):
         self.name = name
         self.check = check
         self.traits = traits
+        self.autocast_lower = autocast_lower
         self.backends: Dict[str, Backend] = {"reference": Backend("reference", reference, priority=-(10**9))}
         self._env_keys = (f"FASTMASKFORMER_BACKEND_{name.upper()}", "FASTMASKFORMER_BACKEND")
         self._cache: Dict[tuple, Backend] = {}
@@ -198,12 +204,23 @@ class Op:
     def __call__(self, *args, backend: str = "reference", **kwargs):
         if self.check is not None:
             self.check(*args, **kwargs)
-        return self.choose(backend, args, kwargs).fn(*args, **kwargs)
+        return self.unchecked(*args, backend=backend, **kwargs)
 
     def unchecked(self, *args, backend: str = "reference", **kwargs):
         """The call without ``check``, for a caller that has checked arguments of the same types,
         shapes and devices already (the matcher checks the targets once for all decoder layers)."""
+        if self.autocast_lower:
+            args = _autocast_cast(args)
         return self.choose(backend, args, kwargs).fn(*args, **kwargs)
+
+
+def _autocast_cast(args: tuple) -> tuple:
+    """The floating tensors of ``args`` in the autocast dtype of their device, when autocast is on."""
+    t = _first_tensor(args, {})
+    if t is None or not torch.is_autocast_enabled(t.device.type):
+        return args
+    dtype = torch.get_autocast_dtype(t.device.type)
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _warn_once(msg: str) -> None:

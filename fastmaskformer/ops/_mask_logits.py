@@ -35,4 +35,5 @@ def _traits(mask_embed, pixel_embed, **_):
     return pixel_embed.shape[0] > MAX_GRID_YZ
 
 
-mask_logits = Op("mask_logits", mask_logits_reference, check=_check, traits=_traits)
+# Under autocast the fused kernels get the lower-precision inputs einsum would compute with.
+mask_logits = Op("mask_logits", mask_logits_reference, check=_check, traits=_traits, autocast_lower=True)

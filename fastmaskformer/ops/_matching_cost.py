@@ -55,11 +55,12 @@ def matching_cost_reference(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
         n = int(sizes[b])
         if n == 0:
             continue
-        prob = pred_logits[b].float().softmax(-1)
-        c_class = -prob[:, tgt_labels[b].long()]
-        t = F.interpolate(tgt_masks[b][:, None].float(), size=pred_masks.shape[-2:], mode="nearest")[:, 0]
-        focal, dice = _focal_dice_cost(pred_masks[b].float().flatten(1), t.flatten(1), alpha, gamma)
-        c = cost_class * c_class + cost_mask * focal + cost_dice * dice
+        with torch.autocast(pred_logits.device.type, enabled=False):  # fp32 costs, as the official matchers
+            prob = pred_logits[b].float().softmax(-1)
+            c_class = -prob[:, tgt_labels[b].long()]
+            t = F.interpolate(tgt_masks[b][:, None].float(), size=pred_masks.shape[-2:], mode="nearest")[:, 0]
+            focal, dice = _focal_dice_cost(pred_masks[b].float().flatten(1), t.flatten(1), alpha, gamma)
+            c = cost_class * c_class + cost_mask * focal + cost_dice * dice
         cost[b, :, :n] = torch.where(torch.isfinite(c), c, float("nan"))
     return cost, sizes
 
