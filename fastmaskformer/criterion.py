@@ -1,15 +1,24 @@
-"""MaskFormer's set criterion: match, then classification and mask losses on every decoder layer.
+"""MaskFormer's and Mask2Former's set criterion: match, then classification and mask losses on every
+decoder layer.
 
-Semantics follow the official MaskFormer ``SetCriterion``: ``loss_ce`` is the cross-entropy over
-all queries (unmatched queries labelled "no object" = K, whose class weight is ``eos_coef``);
-``loss_mask`` (sigmoid focal) and ``loss_dice`` compare matched mask logits, upsampled to the
-target size, with their targets, summed over masks and divided by ``num_masks`` (the total number
-of targets, averaged over distributed ranks, at least 1). Auxiliary outputs get the same losses
-with suffix ``_i``. Losses are returned unweighted; the model applies ``weight_dict``.
+Semantics follow the official ``SetCriterion``s: ``loss_ce`` is the cross-entropy over all queries
+(unmatched queries labelled "no object" = K, whose class weight is ``eos_coef``); ``loss_mask`` and
+``loss_dice`` compare matched mask logits with their targets, summed over masks and divided by
+``num_masks`` (the total number of targets, averaged over distributed ranks, at least 1). Auxiliary
+outputs get the same losses with suffix ``_i``. Losses are returned unweighted; the model applies
+``weight_dict``.
+
+- ``num_points=0`` (MaskFormer): the logits are upsampled to the target size, ``loss_mask`` is the
+  sigmoid focal loss averaged over pixels (``ops.mask_loss``).
+- ``num_points > 0`` (Mask2Former): each matched mask is compared at ``num_points`` points chosen by
+  importance sampling (``point_sampling.uncertain_point_coords``: ``oversample_ratio`` x uniform
+  candidates, the ``importance_sample_ratio`` most uncertain kept, the rest fresh uniform points),
+  ``loss_mask`` is binary cross-entropy averaged over the points (``ops.point_mask_loss``). The
+  points are drawn in PyTorch from ``generator`` or the global RNG, without a host sync.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .matcher import HungarianMatcher, Indices, check_outputs, split_targets
+from .matcher import HungarianMatcher, Indices, check_num_points, check_outputs, generator_for, split_targets
+from .ops._checks import check_finite_scalar
+from .point_sampling import uncertain_point_coords
 
 
 def average_num_masks(targets: Sequence[Dict], device: torch.device):
@@ -113,19 +124,39 @@ class SetCriterion(nn.Module):
         weight_dict: loss name -> weight; kept for the model (this module returns unweighted losses).
         eos_coef: class weight of "no object" in the cross-entropy (0.1 in MaskFormer).
         losses: which losses to compute: any of "labels" (loss_ce) and "masks" (loss_mask, loss_dice).
+        num_points: 0 computes the mask losses on full-resolution masks (MaskFormer's sigmoid focal
+            + dice); more computes BCE + dice on this many importance-sampled points per mask
+            (Mask2Former: 12544).
+        oversample_ratio: the importance sampling draws ``int(num_points * oversample_ratio)``
+            uniform candidates per mask (>= 1; Mask2Former: 3).
+        importance_sample_ratio: fraction of the points taken from the most uncertain candidates
+            (``-|logit|``), the rest being fresh uniform points (in [0, 1]; Mask2Former: 0.75).
         fused: use fused backends for the mask loss (and the matcher's own flag for matching).
-        focal_alpha, focal_gamma: focal-loss parameters of loss_mask.
+        focal_alpha, focal_gamma: focal-loss parameters of the full-resolution loss_mask.
+        generator: the ``torch.Generator`` (on the predictions' device) the points are drawn from;
+            None draws from the global RNG. Also settable as the ``generator`` attribute.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float], eos_coef: float,
-                 losses: Sequence[str] = ("labels", "masks"), fused: bool = False, focal_alpha: float = 0.25,
-                 focal_gamma: float = 2.0):
+                 losses: Sequence[str] = ("labels", "masks"), num_points: int = 0, oversample_ratio: float = 3.0,
+                 importance_sample_ratio: float = 0.75, *, fused: bool = False, focal_alpha: float = 0.25,
+                 focal_gamma: float = 2.0, generator: Optional[torch.Generator] = None):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
         unknown = set(losses) - {"labels", "masks"}
         if unknown:
             raise ValueError(f"losses: unknown {sorted(unknown)}; expected a subset of ['labels', 'masks']")
+        check_num_points(num_points)
+        check_finite_scalar("oversample_ratio", oversample_ratio)
+        check_finite_scalar("importance_sample_ratio", importance_sample_ratio)
+        if oversample_ratio < 1:
+            raise ValueError(f"oversample_ratio: expected a number >= 1, got {oversample_ratio}")
+        if not 0 <= importance_sample_ratio <= 1:
+            raise ValueError(f"importance_sample_ratio: expected a fraction in [0, 1], got {importance_sample_ratio}")
+        self.num_points = num_points
+        self.oversample_ratio, self.importance_sample_ratio = float(oversample_ratio), float(importance_sample_ratio)
+        self.generator = generator
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -160,8 +191,14 @@ class SetCriterion(nn.Module):
     def _loss_masks(self, outputs: Dict, target_masks: torch.Tensor, image: torch.Tensor, src: torch.Tensor,
                     num_masks) -> Dict:
         # target_masks: only the matched masks, N x H x W in the targets' own (byte) dtype.
-        loss_mask, loss_dice = ops.mask_loss(outputs["pred_masks"][image, src], target_masks, num_masks,
-                                             self.focal_alpha, self.focal_gamma, backend=ops.backend_for(self.fused))
+        pred, backend = outputs["pred_masks"][image, src], ops.backend_for(self.fused)
+        if self.num_points:
+            coords = uncertain_point_coords(pred[:, None], self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio, generator_for(self.generator, pred.device))
+            loss_mask, loss_dice = ops.point_mask_loss(pred, target_masks, coords, num_masks, backend=backend)
+        else:
+            loss_mask, loss_dice = ops.mask_loss(pred, target_masks, num_masks, self.focal_alpha, self.focal_gamma,
+                                                 backend=backend)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
     def forward(self, outputs: Dict, targets: Sequence[Dict]) -> Dict[str, torch.Tensor]:
@@ -201,4 +238,7 @@ class SetCriterion(nn.Module):
         return losses
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}, fused={self.fused}"
+        points = (f", num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
+                  f"importance_sample_ratio={self.importance_sample_ratio}") if self.num_points else ""
+        return (f"num_classes={self.num_classes}, eos_coef={self.eos_coef}, losses={self.losses}{points}, "
+                f"fused={self.fused}")

@@ -1,7 +1,13 @@
-"""Bipartite matching between predicted and ground-truth masks (the official MaskFormer matcher).
+"""Bipartite matching between predicted and ground-truth masks (the official MaskFormer and
+Mask2Former matchers).
 
-The cost of every (query, target) pair is ``cost_class * class + cost_mask * focal + cost_dice *
-dice`` (see ``fastmaskformer.ops.matching_cost``); each image is solved as a linear assignment.
+The cost of every (query, target) pair is ``cost_class * class + cost_mask * mask + cost_dice *
+dice``; each image is solved as a linear assignment. With ``num_points=0`` (MaskFormer) the mask
+and dice costs compare the full masks, the mask cost being the sigmoid focal cost (see
+``fastmaskformer.ops.matching_cost``); with ``num_points > 0`` (Mask2Former) they compare the masks
+at ``num_points`` uniform random points per image and decoder layer, shared by the image's queries
+and targets, the mask cost being binary cross-entropy (``ops.point_matching_cost``). The points are
+drawn here, in PyTorch, from ``generator`` or the global RNG (each distributed rank draws its own).
 With ``fused=True`` the cost of the whole batch comes from one batched call per decoder layer, and
 the assignments of all images and layers (:meth:`HungarianMatcher.match_layers`) are solved in one
 batched call. Nothing in between reads a tensor's values on the host: the targets are checked once
@@ -12,13 +18,14 @@ its status.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import ops
 from .ops._checks import check_label_values, check_tensor
+from .point_sampling import random_point_coords
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,21 +66,30 @@ class HungarianMatcher(nn.Module):
 
     Args:
         cost_class: weight of the classification cost, -softmax(logits)[label].
-        cost_mask: weight of the sigmoid focal cost between mask logits and the target mask.
+        cost_mask: weight of the mask cost between mask logits and the target mask: sigmoid focal
+            on full masks (``num_points=0``) or binary cross-entropy on the sampled points.
         cost_dice: weight of the dice cost.
+        num_points: 0 compares full masks (MaskFormer); more compares them at this many uniform
+            random points per image (Mask2Former: 12544).
         fused: use the fastest available backends (batched native cost, batched LAP solver)
             instead of the reference per-image PyTorch + scipy path.
-        alpha, gamma: focal-loss parameters of the mask cost.
+        alpha, gamma: focal-loss parameters of the full-mask cost.
+        generator: the ``torch.Generator`` (on the predictions' device) the points are drawn from;
+            None draws from the global RNG. Also settable as the ``generator`` attribute.
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0, fused: bool = False,
-                 alpha: float = 0.25, gamma: float = 2.0):
+    def __init__(self, cost_class: float = 1.0, cost_mask: float = 1.0, cost_dice: float = 1.0, num_points: int = 0,
+                 *, fused: bool = False, alpha: float = 0.25, gamma: float = 2.0,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("HungarianMatcher: all costs are 0; at least one of cost_class, cost_mask, cost_dice must be set")
+        check_num_points(num_points)
         self.cost_class, self.cost_mask, self.cost_dice = float(cost_class), float(cost_mask), float(cost_dice)
+        self.num_points = num_points
         self.alpha, self.gamma = float(alpha), float(gamma)
         self.fused = fused
+        self.generator = generator
 
     @torch.no_grad()
     def forward(self, outputs: Dict, targets: Sequence[Dict]) -> Indices:
@@ -89,15 +105,23 @@ class HungarianMatcher(nn.Module):
         for i, out in enumerate(outputs_per_layer):
             check_outputs(out, f"outputs[{i}]" if len(outputs_per_layer) > 1 else "outputs")
         backend = ops.backend_for(self.fused)
-        scalars = (self.cost_class, self.cost_mask, self.cost_dice, self.alpha, self.gamma)
-        B, costs, checked = len(targets), [], None
+        B, L, costs, checked = len(targets), len(outputs_per_layer), [], None
+        if self.num_points:
+            op, scalars = ops.point_matching_cost, (self.cost_class, self.cost_mask, self.cost_dice)
+            device = outputs_per_layer[0]["pred_masks"].device if L else torch.device("cpu")
+            # Fresh points for every image of every layer (as the official matcher, called per layer,
+            # draws them), in one draw.
+            points = random_point_coords(L * B, self.num_points, device, generator_for(self.generator, device))
+        else:
+            op, scalars = ops.matching_cost, (self.cost_class, self.cost_mask, self.cost_dice, self.alpha, self.gamma)
         try:
-            for out in outputs_per_layer:
-                args = (out["pred_logits"], out["pred_masks"], labels, masks, *scalars)
+            for layer, out in enumerate(outputs_per_layer):
+                args = (out["pred_logits"], out["pred_masks"], labels, masks)
+                args += (points[layer * B:(layer + 1) * B], *scalars) if self.num_points else scalars
                 if _signature(out) == checked:  # the targets and a layer like this one are checked already
-                    cost, sizes = ops.matching_cost.unchecked(*args, backend=backend)
+                    cost, sizes = op.unchecked(*args, backend=backend)
                 else:
-                    cost, sizes = ops.matching_cost(*args, backend=backend)
+                    cost, sizes = op(*args, backend=backend)
                     checked = _signature(out)
                 costs.append(cost)
             flat = ops.linear_sum_assignment(torch.cat(costs) if len(costs) > 1 else costs[0],
@@ -125,4 +149,23 @@ class HungarianMatcher(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
-                f"fused={self.fused}")
+                f"num_points={self.num_points}, fused={self.fused}")
+
+
+def check_num_points(num_points, name: str = "num_points") -> None:
+    """0 (full masks) or a positive int of points."""
+    if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 0:
+        raise ValueError(f"{name}: expected an int >= 0 (0: full-resolution masks), got {num_points!r}")
+
+
+def generator_for(generator: Optional[torch.Generator], device: torch.device) -> Optional[torch.Generator]:
+    """``generator`` after checking that it draws on ``device`` (torch's own error does not say which
+    argument is wrong)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator: expected a generator on the predictions' device ({device.type}), got one on "
+                         f"{generator.device.type}")
+    return generator

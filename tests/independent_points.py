@@ -91,3 +91,17 @@ def point_losses(x, t, num_masks):
     lm = sum(bce(xi, ti).mean() for xi, ti in zip(x, t))
     ld = sum(1 - (2 * (sigmoid(xi) * ti).sum() + 1) / (sigmoid(xi).sum() + ti.sum() + 1) for xi, ti in zip(x, t))
     return lm / num_masks, ld / num_masks
+
+
+def sample_masks(masks, coords):
+    """masks [M, h, w], coords [P, 2] -> [M, P]: every mask read bilinearly at every point."""
+    return np.array([[bilinear_sample(m, x, y) for x, y in coords] for m in masks]).reshape(len(masks), len(coords))
+
+
+def point_matching_cost(logits, masks, labels, target_masks, coords, cost_class, cost_mask, cost_dice):
+    """One image: logits [Q, K+1], masks [Q, h, w], labels [N], target_masks [N, H, W], coords [P, 2]
+    -> C [Q, N] = cost_class * -softmax[label] + cost_mask * point BCE + cost_dice * point dice."""
+    z = logits - logits.max(-1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    c_bce, c_dice = point_costs(sample_masks(masks, coords), sample_masks(target_masks.astype(np.float64), coords))
+    return cost_class * -prob[:, labels] + cost_mask * c_bce + cost_dice * c_dice

@@ -3,7 +3,6 @@
 matcher and criterion; predict() and post-processing live in the shared base."""
 from __future__ import annotations
 
-import inspect
 from typing import Collection, Dict, Optional, Sequence
 
 import torch
@@ -15,10 +14,6 @@ from .heads import MaskClassificationHead
 from .masked_attention_decoder import MaskedAttentionDecoder
 from .meta_arch import MaskClassificationModel, check_positive_int, loss_weights
 from .msdeform_pixel_decoder import MSDeformAttnPixelDecoder
-
-
-def _takes(cls, name: str) -> bool:
-    return name in inspect.signature(cls.__init__).parameters
 
 
 class Mask2Former(MaskClassificationModel):
@@ -79,17 +74,13 @@ class Mask2Former(MaskClassificationModel):
         self.head = MaskClassificationHead(hidden_dim, num_classes, mask_dim, deep_supervision)
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
-        # The point-sampled matcher and criterion (official semantics) take these keywords; a build of
-        # matcher.py / criterion.py without them keeps the full-mask losses, which this model refuses.
-        points = dict(num_points=num_points)
-        self.point_sampled_loss = _takes(HungarianMatcher, "num_points") and _takes(SetCriterion, "num_points")
+        # The point-sampled matcher and criterion (official semantics): BCE + dice on sampled points.
         matcher = HungarianMatcher(cost_class=class_weight, cost_mask=mask_weight, cost_dice=dice_weight,
-                                   **(points if self.point_sampled_loss else {}), fused=fused)
+                                   num_points=num_points, fused=fused)
         weight_dict = loss_weights(class_weight, mask_weight, dice_weight, dec_layers if deep_supervision else 0)
-        sampling = dict(num_points=num_points, oversample_ratio=oversample_ratio,
-                        importance_sample_ratio=importance_sample_ratio)
-        criterion = SetCriterion(num_classes, matcher, weight_dict, no_object_weight, ("labels", "masks"), fused=fused,
-                                 **(sampling if self.point_sampled_loss else {}))
+        criterion = SetCriterion(num_classes, matcher, weight_dict, no_object_weight, ("labels", "masks"),
+                                 num_points=num_points, oversample_ratio=oversample_ratio,
+                                 importance_sample_ratio=importance_sample_ratio, fused=fused)
         self._set_loss(matcher, criterion, fused)
 
     def _forward_normalized(self, x: torch.Tensor, aux: bool = True) -> Dict:
@@ -98,9 +89,3 @@ class Mask2Former(MaskClassificationModel):
         mask_features, multi_scale = self.pixel_decoder(features, backend=backend)
         hs = self.transformer_decoder(multi_scale, mask_features, self.head.mask_embed, backend=backend)
         return self.head(hs, mask_features, backend=backend, aux=aux)
-
-    def loss(self, outputs: Dict, targets):
-        if not self.point_sampled_loss:
-            raise RuntimeError("Mask2Former.loss needs the point-sampled HungarianMatcher/SetCriterion "
-                               "(a num_points keyword); this fastmaskformer's matcher/criterion lack it")
-        return super().loss(outputs, targets)

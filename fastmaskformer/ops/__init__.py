@@ -9,10 +9,12 @@ from ._mask_logits import mask_logits
 from ._mask_loss import mask_loss
 from ._matching_cost import matching_cost
 from ._ms_deform_attn import ms_deform_attn
+from ._point_mask_loss import point_mask_loss
+from ._point_matching_cost import point_matching_cost
 from ._semantic_inference import semantic_inference
 
 OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference,
-                              ms_deform_attn)}
+                              ms_deform_attn, point_matching_cost, point_mask_loss)}
 
 # Every backend registers itself now, once, so that no call ever imports or locks (see _dispatch).
 load_backends()
@@ -28,4 +30,5 @@ def available_backends(op: str) -> list:
 
 
 __all__ = ["OPS", "Op", "available_backends", "backend_for", "explain", "linear_sum_assignment", "mask_logits",
-           "mask_loss", "matching_cost", "ms_deform_attn", "semantic_inference"]
+           "mask_loss", "matching_cost", "ms_deform_attn", "point_mask_loss", "point_matching_cost",
+           "semantic_inference"]
