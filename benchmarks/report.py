@@ -5,9 +5,10 @@
 
 Benchmarks are grouped by ``benchmark.group`` (one op at one shape); within a group each row is a
 variant (``extra_info["variant"]``, else the ``variant``/``backend`` parameter, else the test name).
-The baseline of a group is its ``reference`` variant (or ``scipy``, ``eager``); every row shows its
-median time, the speed-up over the baseline (baseline median / row median), and its peak memory
-(``extra_info["peak_mb"]``) with the fraction of the baseline's.
+The baseline of a group is its ``scipy`` variant (the official code's plain loop, where a benchmark
+has one), else ``reference`` or ``eager``; every row shows its median time over the rounds it ran
+(their count in its own column), the speed-up over the baseline (baseline median / row median), and
+its peak memory (``extra_info["peak_mb"]``) with the fraction of the baseline's.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 from collections import OrderedDict
 from typing import Dict, List
 
-BASELINES = ("reference", "scipy", "eager")
+BASELINES = ("scipy", "reference", "eager", "direct")
 
 
 def variant_of(bench: Dict) -> str:
@@ -42,8 +43,8 @@ def render(data: Dict) -> str:
     info = data.get("machine_info", {})
     lines = [f"Machine: {info.get('cpu', {}).get('brand_raw', info.get('processor', '?'))}, "
              f"{data.get('datetime', '')}; device per row in the last column.", ""]
-    lines += ["| group | variant | median | speed-up | peak MB | peak / baseline | device |",
-              "|---|---|---:|---:|---:|---:|---|"]
+    lines += ["| group | variant | median | rounds | speed-up | peak MB | peak / baseline | device |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for group, benches in groups.items():
         by_variant = {variant_of(b): b for b in benches}
         base = next((by_variant[v] for v in BASELINES if v in by_variant), None)
@@ -54,7 +55,7 @@ def render(data: Dict) -> str:
             speed = f"{base['stats']['median'] / med:.2f}x" if base is not None else "-"
             base_peak = (base.get("extra_info") or {}).get("peak_mb") if base is not None else None
             frac = f"{peak / base_peak:.0%}" if peak is not None and base_peak else "-"
-            lines.append(f"| {group} | {v} | {_fmt_time(med)} | {speed} | "
+            lines.append(f"| {group} | {v} | {_fmt_time(med)} | {b['stats'].get('rounds', '?')} | {speed} | "
                          f"{'-' if peak is None else f'{peak:.0f}'} | {frac} | {extra.get('device', '?')} |")
     return "\n".join(lines) + "\n"
 

@@ -53,9 +53,16 @@ class ModelConfig:
     dim_feedforward: int = 512
     """Hidden size of the decoder's feed-forward layers (official: 2048)."""
     dec_layers: int = 3
-    """Transformer decoder layers; deep supervision adds a loss after each (official: 6)."""
+    """Transformer decoder layers; deep supervision adds a loss after each (official: 6; Mask2Former: 9)."""
     enc_layers: int = 0
-    """Transformer encoder layers in the pixel decoder ("transformer_encoder" decoder only; COCO: 6)."""
+    """Transformer encoder layers in the pixel decoder ("transformer_encoder" decoder only; COCO: 6); Mask2Former:
+    deformable-attention encoder layers, at least 1 (official: 6)."""
+    enc_nheads: int = 8
+    """Mask2Former: attention heads of the deformable encoder layers (official: 8)."""
+    enc_n_points: int = 4
+    """Mask2Former: sampling points per head and level of the deformable encoder layers (official: 4)."""
+    enc_dim_feedforward: int = 1024
+    """Mask2Former: FFN width of the deformable encoder layers (official: 1024)."""
     dropout: float = 0.0
     """Dropout in the transformer (official: 0.1)."""
     conv_dim: int = 128
@@ -67,11 +74,17 @@ class ModelConfig:
     class_weight: float = 1.0
     """Weight of the classification loss and matching cost."""
     mask_weight: float = 20.0
-    """Weight of the sigmoid focal mask loss and matching cost."""
+    """Weight of the mask loss and matching cost: sigmoid focal (MaskFormer), point BCE (Mask2Former: 5)."""
     dice_weight: float = 1.0
     """Weight of the dice loss and matching cost."""
     no_object_weight: float = 0.1
     """Cross-entropy weight of the "no object" class."""
+    num_points: int = 12544
+    """Mask2Former: points per mask at which the matcher and the loss compare masks (official: 112 x 112)."""
+    oversample_ratio: float = 3.0
+    """Mask2Former: the loss draws this many times num_points uniform candidates per mask (official: 3)."""
+    importance_sample_ratio: float = 0.75
+    """Mask2Former: fraction of the loss's points taken where the prediction is most uncertain (official: 0.75)."""
     size_divisibility: int = 32
     """The model pads its input to a multiple of this."""
     object_mask_threshold: float = 0.8
@@ -204,6 +217,11 @@ class TrainConfig:
     """Validation images shown in the final image | ground truth | prediction PNG (0: no PNG)."""
     find_unused_parameters: bool = False
     """Passed to DistributedDataParallel."""
+    compile: bool = False
+    """torch.compile the model's forward and the criterion's losses (the matcher's host solver stays
+    eager); the first steps pay for compilation."""
+    compile_backend: str = "inductor"
+    """The torch.compile backend for train.compile ("aot_eager" traces without generating code)."""
 
 
 @dataclass

@@ -348,3 +348,18 @@ def test_entry_points_import_in_any_order(first):
     code = f"import {first}; import fastmaskformer.evaluate, fastmaskformer.train; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_compiled_steps_equal_eager_steps(tmp_path):
+    """train.compile=true compiles the forward and the criterion's losses; the first two steps give
+    the eager steps' losses (dropout off, so both runs compute the same thing). The aot_eager
+    backend traces forward and backward as inductor would, without its minutes of code generation
+    on this CPU (the benchmarks run inductor)."""
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        trainer = Trainer(debug_config(str(tmp_path / f"c{compiled}"), "model.dropout=0.0", "model.fused=true",
+                                       f"train.compile={str(compiled).lower()}", "train.compile_backend=aot_eager"))
+        batches = trainer.batches.from_iteration(0)
+        losses[compiled] = [float(trainer.step(next(batches))["loss"]) for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)

@@ -78,6 +78,8 @@ class Trainer:
         self.thing_classes = getattr(self.train_set, "thing_classes", None)
 
         self.model = build_model(cfg, self.thing_classes).to(self.device)
+        if cfg.train.compile:
+            self.model.compile_training(backend=cfg.train.compile_backend)
         self.net = self.model
         if self.dist.distributed:
             self.net = DistributedDataParallel(

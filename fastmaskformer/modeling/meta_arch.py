@@ -95,6 +95,15 @@ class MaskClassificationModel(nn.Module):
     def _forward_normalized(self, x: torch.Tensor, aux: bool = True) -> Dict:
         raise NotImplementedError
 
+    def compile_training(self, **kwargs) -> "MaskClassificationModel":
+        """``torch.compile`` the two traceable parts of a training step, in place: the forward and the
+        criterion's losses given the matching (``SetCriterion.losses_from_matches``). The matcher
+        stays eager: its linear assignment runs on the host (the graph would break there anyway).
+        ``kwargs`` go to ``torch.compile``. Returns the model."""
+        self.compile(**kwargs)
+        self.criterion.losses_from_matches = torch.compile(self.criterion.losses_from_matches, **kwargs)
+        return self
+
     def loss(self, outputs: Dict, targets: List[Dict]) -> Dict[str, torch.Tensor]:
         """The criterion's losses times their ``weight_dict`` weights (losses without a weight are dropped)."""
         weights = self.criterion.weight_dict

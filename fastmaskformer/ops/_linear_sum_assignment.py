@@ -70,9 +70,10 @@ def _check(cost, sizes=None, **_):
         raise ValueError(f"sizes is on {sizes_t.device} but cost is on {cost.device}: put sizes on the cpu or with cost")
     if sizes_t.shape != (cost.shape[0],):
         raise ValueError(f"sizes: expected shape ({cost.shape[0]},), got {tuple(sizes_t.shape)}")
-    if sizes_t.numel() and (int(sizes_t.min()) < 0 or int(sizes_t.max()) > cost.shape[2]):
-        raise ValueError(f"sizes: expected values in [0, {cost.shape[2]}], got range "
-                         f"[{int(sizes_t.min())}, {int(sizes_t.max())}]")
+    if sizes_t.numel():  # one reduction (sizes live on the host: no sync)
+        lo, hi = (int(v) for v in sizes_t.aminmax())
+        if lo < 0 or hi > cost.shape[2]:
+            raise ValueError(f"sizes: expected values in [0, {cost.shape[2]}], got range [{lo}, {hi}]")
 
 
 def _traits(cost, sizes=None, **_):
