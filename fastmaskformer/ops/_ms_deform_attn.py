@@ -17,6 +17,7 @@ made once per forward spares it a device-to-host copy per call.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence, Tuple, Union
 
 import torch
@@ -33,6 +34,23 @@ def level_shapes(spatial_shapes: SpatialShapes) -> Tuple[Tuple[int, int], ...]:
     if isinstance(spatial_shapes, torch.Tensor):
         return tuple((int(h), int(w)) for h, w in spatial_shapes.tolist())
     return tuple((int(h), int(w)) for h, w in spatial_shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _level_sizes_on(sizes: Tuple[Tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2)
+
+
+def level_shape_tensor(spatial_shapes: SpatialShapes, device: torch.device) -> torch.Tensor:
+    """spatial_shapes as the int64 [L, 2] tensor that fused kernels read. A tuple of (h, w) pairs is
+    copied to ``device`` once per layout and kept (a host-to-device copy of pageable memory waits for
+    the stream: not one per call); while torch.compile traces, it becomes a graph constant."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        return spatial_shapes
+    sizes = level_shapes(spatial_shapes)
+    if torch.compiler.is_compiling():
+        return torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2)
+    return _level_sizes_on(sizes, torch.device(device))
 
 
 def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: SpatialShapes, level_start_index: torch.Tensor,

@@ -27,6 +27,7 @@ from fastmaskformer._ext import native_cuda_error, native_error
 from .._linear_sum_assignment import CUDA_MAX_SIDE, Assignment, linear_sum_assignment
 from .._mask_loss import losses_from_stats, mask_loss
 from .._matching_cost import matching_cost
+from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
 
 PRIORITY = 10
 BYTE_MASKS = (torch.bool, torch.uint8)  # the kernels read both as bytes
@@ -163,16 +164,6 @@ linear_sum_assignment.register("native", linear_sum_assignment_native, available
 
 
 # ---- ms_deform_attn ----
-
-from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402  (this op's block)
-
-
-def level_shape_tensor(spatial_shapes, device) -> torch.Tensor:
-    """spatial_shapes as the int64 [L, 2] tensor the kernels read (a tuple of (h, w) pairs is copied)."""
-    if isinstance(spatial_shapes, torch.Tensor):
-        return spatial_shapes
-    return torch.tensor(level_shapes(spatial_shapes), dtype=torch.int64, device=device).reshape(-1, 2)
-
 
 def ms_deform_attn_native(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     """The CPU kernel (csrc/ops/cpu/ms_deform_attn_kernel.cpp); its backward is the op's registered

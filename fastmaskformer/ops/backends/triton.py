@@ -13,6 +13,7 @@ import torch
 from .._checks import MAX_GRID_YZ
 from .._mask_logits import mask_logits
 from .._mask_loss import losses_from_stats, mask_loss
+from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
 from .._semantic_inference import semantic_inference
 
 _error: Optional[str] = None
@@ -20,11 +21,12 @@ try:
     from fastmaskformer.kernels._common import INTERPRET
     from fastmaskformer.kernels.mask_logits import mask_logits as _mask_logits
     from fastmaskformer.kernels.mask_loss import sums as _mask_loss_sums
+    from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
     from fastmaskformer.kernels.semantic_inference import semantic_inference as _semantic_inference
 except Exception as exc:  # triton missing or broken: every triton backend reports this, none is called
     _error = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
     INTERPRET = False
-    _mask_logits = _mask_loss_sums = _semantic_inference = None
+    _mask_logits = _mask_loss_sums = _semantic_inference = _ms_deform_attn_kernel = None
 
 PRIORITY = 10
 
@@ -76,37 +78,14 @@ for _op, _fn, _supports in ((mask_loss, _mask_loss, _supports_mask_loss),
 
 # ---- ms_deform_attn ----
 
-import functools  # noqa: E402  (this op's block)
-
-from .._ms_deform_attn import level_shapes, ms_deform_attn  # noqa: E402
-
-try:
-    from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
-except Exception as exc:  # triton missing or broken: reported as this backend's reason
-    _ms_deform_attn_kernel = None
-    _ms_deform_attn_error: Optional[str] = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
-else:
-    _ms_deform_attn_error = None
-
-
-@functools.lru_cache(maxsize=64)
-def _level_sizes(sizes: tuple, device: torch.device) -> torch.Tensor:
-    """The (h, w) pairs as the int64 [L, 2] tensor the kernels read, copied to the device once per
-    layout: a host-to-device copy of pageable memory waits for the stream, so not one per call."""
-    return torch.tensor(sizes, dtype=torch.int64, device=device).reshape(-1, 2)
-
-
 def _ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    if not isinstance(spatial_shapes, torch.Tensor):
-        sizes = level_shapes(spatial_shapes)
-        spatial_shapes = torch.tensor(sizes, dtype=torch.int64, device=value.device).reshape(-1, 2) \
-            if torch.compiler.is_compiling() else _level_sizes(sizes, value.device)  # compiled: a graph constant
-    return _ms_deform_attn_kernel(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return _ms_deform_attn_kernel(value, level_shape_tensor(spatial_shapes, value.device), level_start_index,
+                                  sampling_locations, attention_weights)
 
 
 def _supports_ms_deform_attn(value, *_, **__) -> Optional[str]:
     return _device_reason(value)
 
 
-ms_deform_attn.register("triton", _ms_deform_attn, available=lambda: _ms_deform_attn_error,
+ms_deform_attn.register("triton", _ms_deform_attn, available=_available,
                         supports=_supports_ms_deform_attn, auto_devices=("cuda",), priority=PRIORITY)
