@@ -1,14 +1,17 @@
-"""Checkpoints in: MaskFormer weights from Hugging Face and detectron2, and backbone-only weights.
+"""Checkpoints in: MaskFormer and Mask2Former weights from Hugging Face and detectron2, and
+backbone-only weights.
 
     python -m fastmaskformer.convert SRC OUT.pth [--allow-unmapped] [field=value ...]
 
-SRC is a Hugging Face ``save_pretrained`` folder of ``MaskFormerForInstanceSegmentation``
-(``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``; ResNet or Swin backbone) or an
-official detectron2 model-zoo ``.pkl`` of MaskFormer (a pickled dict whose "model" maps the official
-names to NumPy arrays). The model configuration (classes, queries, layers, backbone, pixel decoder)
-is read from the source: ``config.json``, or the shapes of the official weights, whose only
-unreadable field, ``nheads``, defaults to the official 8. OUT.pth holds ``{"model": state_dict,
-"config": ...}`` as the trainer writes it, and OUT.yaml next to it holds the same config for
+SRC is a Hugging Face ``save_pretrained`` folder (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``; ResNet or Swin backbone) of ``MaskFormerForInstanceSegmentation`` or
+``Mask2FormerForUniversalSegmentation``, or an official detectron2 model-zoo ``.pkl`` of MaskFormer
+or Mask2Former (a pickled dict whose "model" maps the official names to NumPy arrays). The model
+class and configuration (classes, queries, layers, backbone, pixel decoder) are read from the
+source: ``config.json``, or the shapes of the official weights, whose unreadable fields, the head
+counts (``nheads``; Mask2Former's deformable encoder ``enc_nheads``, which follows ``nheads``),
+default to the official 8. OUT.pth holds ``{"model": state_dict, "config": ...}`` as the trainer
+writes it, and OUT.yaml next to it holds the same config for
 ``python -m fastmaskformer.evaluate --config OUT.yaml --checkpoint OUT.pth``.
 
 Every source is translated by one table of ``(source regex, target template)`` rules. A template
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import pickle
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -55,24 +60,30 @@ HF_RESNET: Rules = (  # transformers ResNetBackbone -> timm ResNet
     (rf"encoder\.stages\.(?P<s>\d+)\.layers\.(?P<b>\d+)\.layer\.(?P<c>\d)\.normalization\.{_P}",
      "backbone.body.layer{s+1}.{b}.bn{c+1}.{p}"),
 )
-_HF_BLOCK = r"model\.encoder\.layers\.(?P<i>\d+)\.blocks\.(?P<j>\d+)\."
+# transformers' Swin, either as MaskFormer's MaskFormerSwinBackbone (under "model.") or as the
+# SwinBackbone of Mask2Former ("swin." in transformers 5's in-memory names, nothing in saved files).
+_HF_SW = r"(?:model\.|swin\.)?"
+_HF_BLOCK = _HF_SW + r"encoder\.layers\.(?P<i>\d+)\.blocks\.(?P<j>\d+)\."
 _BODY_BLOCK = "backbone.body.layers_{i}.blocks.{j}."
-HF_SWIN: Rules = (  # transformers MaskFormerSwinBackbone -> timm Swin (+ the output norms)
-    (r"model\.embeddings\.patch_embeddings\.projection\.(?P<p>weight|bias)", "backbone.body.patch_embed.proj.{p}"),
-    (r"model\.embeddings\.norm\.(?P<p>weight|bias)", "backbone.body.patch_embed.norm.{p}"),
+HF_SWIN: Rules = (  # transformers' Swin -> timm Swin (+ the output norms)
+    (_HF_SW + r"embeddings\.patch_embeddings\.projection\.(?P<p>weight|bias)", "backbone.body.patch_embed.proj.{p}"),
+    (_HF_SW + r"embeddings\.norm\.(?P<p>weight|bias)", "backbone.body.patch_embed.norm.{p}"),
     (_HF_BLOCK + r"layernorm_before\.(?P<p>weight|bias)", _BODY_BLOCK + "norm1.{p}"),
-    (_HF_BLOCK + r"attention\.self\.relative_position_bias_table", _BODY_BLOCK + "attn.relative_position_bias_table"),
+    (_HF_BLOCK + r"attention\.(?:self\.|relative_position_bias\.)relative_position_bias_table",
+     _BODY_BLOCK + "attn.relative_position_bias_table"),
     (_HF_BLOCK + r"attention\.self\.(?P<qkv>query|key|value)\.(?P<p>weight|bias)", _BODY_BLOCK + "attn.qkv.{p}"),
-    (_HF_BLOCK + r"attention\.output\.dense\.(?P<p>weight|bias)", _BODY_BLOCK + "attn.proj.{p}"),
+    (_HF_BLOCK + r"attention\.(?P<qkv>[qkv])_proj\.(?P<p>weight|bias)", _BODY_BLOCK + "attn.qkv.{p}"),
+    (_HF_BLOCK + r"attention\.(?:output\.dense|o_proj)\.(?P<p>weight|bias)", _BODY_BLOCK + "attn.proj.{p}"),
     (_HF_BLOCK + r"layernorm_after\.(?P<p>weight|bias)", _BODY_BLOCK + "norm2.{p}"),
-    (_HF_BLOCK + r"intermediate\.dense\.(?P<p>weight|bias)", _BODY_BLOCK + "mlp.fc1.{p}"),
-    (_HF_BLOCK + r"output\.dense\.(?P<p>weight|bias)", _BODY_BLOCK + "mlp.fc2.{p}"),
+    (_HF_BLOCK + r"(?:intermediate\.dense|mlp\.fc1)\.(?P<p>weight|bias)", _BODY_BLOCK + "mlp.fc1.{p}"),
+    (_HF_BLOCK + r"(?:output\.dense|mlp\.fc2)\.(?P<p>weight|bias)", _BODY_BLOCK + "mlp.fc2.{p}"),
     # Patch merging ends stage i in transformers (and the official Swin), starts stage i+1 in timm.
-    (r"model\.encoder\.layers\.(?P<i>\d+)\.downsample\.(?P<rest>reduction\.weight|norm\.weight|norm\.bias)",
+    (_HF_SW + r"encoder\.layers\.(?P<i>\d+)\.downsample\.(?P<rest>reduction\.weight|norm\.weight|norm\.bias)",
      "backbone.body.layers_{i+1}.downsample.{rest}"),
-    (r"hidden_states_norms\.(?P<i>\d+)\.(?P<p>weight|bias)", "backbone.norms.{i}.{p}"),
+    (r"hidden_states_norms\.(?P<i>\d+)\.(?P<p>weight|bias)", "backbone.norms.{i}.{p}"),  # MaskFormerSwin: 0..3
+    (r"hidden_states_norms\.stage(?P<i>\d+)\.(?P<p>weight|bias)", "backbone.norms.{i-1}.{p}"),  # Swin: stage1..4
 )
-HF_SWIN_IGNORED = (r".*relative_position_index", r"model\.layernorm\..*")  # a buffer; the unused final norm
+HF_SWIN_IGNORED = (r".*relative_position_index", _HF_SW + r"layernorm\..*")  # a buffer; the unused final norm
 
 _HF_DEC = r"model\.transformer_module\.decoder\.layers\.(?P<i>\d+)\."
 _DEC = "transformer_decoder.decoder.layers.{i}."
@@ -152,6 +163,76 @@ D2_MASKFORMER: Rules = (
     (_D2_PRED + r"transformer\.(?P<part>encoder|decoder)\.layers\.(?P<i>\d+)\.norm(?P<n>[123])\.(?P<p>weight|bias)",
      "transformer_decoder.{part}.layers.{i}.norm{n}.{p}"),
     (_D2_PRED + r"transformer\.decoder\.norm\.(?P<p>weight|bias)", "transformer_decoder.decoder.norm.{p}"),
+    (_D2_PRED + r"class_embed\.(?P<p>weight|bias)", "head.class_embed.{p}"),
+    (_D2_PRED + r"mask_embed\.layers\.(?P<i>\d)\.(?P<p>weight|bias)", "head.mask_embed.layers.{i}.{p}"),
+    (r"criterion\.empty_weight", "criterion.empty_weight"),
+)
+
+# Mask2Former (fastmaskformer.Mask2Former's names follow the official ones where they can). Both
+# sources have one FPN level (res2: adapter_1/layer_1), three encoder input levels coarsest first.
+_ENC = "pixel_decoder.encoder.{i}."
+_M2_DEC = "transformer_decoder.layers.{i}."
+_MSDA = r"(?P<rest>(?:sampling_offsets|attention_weights|value_proj|output_proj)\.(?:weight|bias))"
+_MHA = r"(?P<rest>in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
+_HF_PD = r"model\.pixel_level_module\.decoder\."
+_HF_ENC = _HF_PD + r"encoder\.layers\.(?P<i>\d+)\."
+_HF_TM = r"model\.transformer_module\."
+_HF_M2_DEC = _HF_TM + r"decoder\.layers\.(?P<i>\d+)\."
+HF_MASK2FORMER: Rules = (  # everything after the backbone
+    (_HF_PD + r"level_embed", "pixel_decoder.level_embed"),
+    (_HF_PD + r"input_projections\.(?P<i>\d+)\.(?P<m>[01])\.(?P<p>weight|bias)",
+     "pixel_decoder.input_proj.{i}.{m}.{p}"),
+    (_HF_ENC + r"self_attn\." + _MSDA, _ENC + "self_attn.{rest}"),
+    (_HF_ENC + r"self_attn_layer_norm\.(?P<p>weight|bias)", _ENC + "norm1.{p}"),
+    (_HF_ENC + r"fc(?P<n>[12])\.(?P<p>weight|bias)", _ENC + "ffn.linear{n}.{p}"),
+    (_HF_ENC + r"final_layer_norm\.(?P<p>weight|bias)", _ENC + "norm2.{p}"),
+    (_HF_PD + r"mask_projection\.(?P<p>weight|bias)", "pixel_decoder.mask_features.{p}"),
+    (_HF_PD + r"adapter_1\.(?P<m>[01])\.(?P<p>weight|bias)", "pixel_decoder.lateral_convs.0.{m}.{p}"),
+    (_HF_PD + r"layer_1\.(?P<m>[01])\.(?P<p>weight|bias)", "pixel_decoder.output_convs.0.{m}.{p}"),
+    (_HF_TM + r"queries_features\.weight", "transformer_decoder.query_feat.weight"),
+    (_HF_TM + r"queries_embedder\.weight", "transformer_decoder.query_embed.weight"),
+    (_HF_TM + r"level_embed\.weight", "transformer_decoder.level_embed.weight"),
+    (_HF_TM + r"input_projections\.(?P<i>\d+)\.(?P<p>weight|bias)", "transformer_decoder.input_proj.{i}.{p}"),
+    (_HF_M2_DEC + r"cross_attn\." + _MHA, _M2_DEC + "cross_attn.{rest}"),
+    (_HF_M2_DEC + r"self_attn\.(?P<qkv>[qkv])_proj\.(?P<p>weight|bias)", _M2_DEC + "self_attn.in_proj_{p}"),
+    (_HF_M2_DEC + r"self_attn\.(?:o|out)_proj\.(?P<p>weight|bias)", _M2_DEC + "self_attn.out_proj.{p}"),
+    (_HF_M2_DEC + r"cross_attn_layer_norm\.(?P<p>weight|bias)", _M2_DEC + "norm1.{p}"),
+    (_HF_M2_DEC + r"self_attn_layer_norm\.(?P<p>weight|bias)", _M2_DEC + "norm2.{p}"),
+    (_HF_M2_DEC + r"final_layer_norm\.(?P<p>weight|bias)", _M2_DEC + "norm3.{p}"),
+    (_HF_M2_DEC + r"(?:mlp\.)?fc(?P<n>[12])\.(?P<p>weight|bias)", _M2_DEC + "ffn.linear{n}.{p}"),
+    (_HF_TM + r"decoder\.layernorm\.(?P<p>weight|bias)", "transformer_decoder.norm.{p}"),
+    (_HF_TM + r"decoder\.mask_predictor\.mask_embedder\.(?P<i>\d)\.0\.(?P<p>weight|bias)",
+     "head.mask_embed.layers.{i}.{p}"),
+    (r"class_predictor\.(?P<p>weight|bias)", "head.class_embed.{p}"),
+    (r"criterion\.empty_weight", "criterion.empty_weight"),
+)
+# The official MSDeformAttnPixelDecoder (detectron2 Conv2d keeps its norm as ".norm") and
+# MultiScaleMaskedTransformerDecoder (one ModuleList per sub-layer; "static_query" before version 2).
+_D2_M2_ENC = _D2_PD + r"transformer\.encoder\.layers\.(?P<i>\d+)\."
+D2_MASK2FORMER: Rules = (
+    (_D2_PD + r"input_proj\.(?P<i>\d+)\.(?P<m>[01])\.(?P<p>weight|bias)", "pixel_decoder.input_proj.{i}.{m}.{p}"),
+    (_D2_PD + r"transformer\.level_embed", "pixel_decoder.level_embed"),
+    (_D2_M2_ENC + r"self_attn\." + _MSDA, _ENC + "self_attn.{rest}"),
+    (_D2_M2_ENC + r"linear(?P<n>[12])\.(?P<p>weight|bias)", _ENC + "ffn.linear{n}.{p}"),
+    (_D2_M2_ENC + r"norm(?P<n>[12])\.(?P<p>weight|bias)", _ENC + "norm{n}.{p}"),
+    (_D2_PD + r"mask_features\.(?P<p>weight|bias)", "pixel_decoder.mask_features.{p}"),
+    (_D2_PD + r"adapter_1\.weight", "pixel_decoder.lateral_convs.0.0.weight"),
+    (_D2_PD + r"adapter_1\.norm\.(?P<p>weight|bias)", "pixel_decoder.lateral_convs.0.1.{p}"),
+    (_D2_PD + r"layer_1\.weight", "pixel_decoder.output_convs.0.0.weight"),
+    (_D2_PD + r"layer_1\.norm\.(?P<p>weight|bias)", "pixel_decoder.output_convs.0.1.{p}"),
+    (_D2_PRED + r"(?:query_feat|static_query)\.weight", "transformer_decoder.query_feat.weight"),
+    (_D2_PRED + r"query_embed\.weight", "transformer_decoder.query_embed.weight"),
+    (_D2_PRED + r"level_embed\.weight", "transformer_decoder.level_embed.weight"),
+    (_D2_PRED + r"input_proj\.(?P<i>\d+)\.(?P<p>weight|bias)", "transformer_decoder.input_proj.{i}.{p}"),
+    (_D2_PRED + r"transformer_cross_attention_layers\.(?P<i>\d+)\.multihead_attn\." + _MHA,
+     _M2_DEC + "cross_attn.{rest}"),
+    (_D2_PRED + r"transformer_cross_attention_layers\.(?P<i>\d+)\.norm\.(?P<p>weight|bias)", _M2_DEC + "norm1.{p}"),
+    (_D2_PRED + r"transformer_self_attention_layers\.(?P<i>\d+)\.self_attn\." + _MHA, _M2_DEC + "self_attn.{rest}"),
+    (_D2_PRED + r"transformer_self_attention_layers\.(?P<i>\d+)\.norm\.(?P<p>weight|bias)", _M2_DEC + "norm2.{p}"),
+    (_D2_PRED + r"transformer_ffn_layers\.(?P<i>\d+)\.linear(?P<n>[12])\.(?P<p>weight|bias)",
+     _M2_DEC + "ffn.linear{n}.{p}"),
+    (_D2_PRED + r"transformer_ffn_layers\.(?P<i>\d+)\.norm\.(?P<p>weight|bias)", _M2_DEC + "norm3.{p}"),
+    (_D2_PRED + r"decoder_norm\.(?P<p>weight|bias)", "transformer_decoder.norm.{p}"),
     (_D2_PRED + r"class_embed\.(?P<p>weight|bias)", "head.class_embed.{p}"),
     (_D2_PRED + r"mask_embed\.layers\.(?P<i>\d)\.(?P<p>weight|bias)", "head.mask_embed.layers.{i}.{p}"),
     (r"criterion\.empty_weight", "criterion.empty_weight"),
@@ -295,20 +376,8 @@ def _backbone_name(kind: str, signature: tuple) -> str:
     return name
 
 
-def _hf_config(folder: str) -> Tuple[dict, Rules, Sequence[str]]:
-    """MaskFormer keyword arguments from a transformers config.json, with the backbone's table."""
-    cfg = _json(os.path.join(folder, "config.json"))
-    if cfg.get("model_type") != "maskformer":
-        raise ValueError(f"{folder}/config.json: expected model_type 'maskformer' (MaskFormerForInstanceSegmentation), "
-                         f"got {cfg.get('model_type')!r}")
-    dec, bb = cfg.get("decoder_config") or {}, cfg.get("backbone_config") or {}
-    if dec.get("activation_function", "relu") != "relu":
-        raise ValueError(f"decoder_config.activation_function: expected 'relu' (DETR's), got "
-                         f"{dec['activation_function']!r}")
-    labels = cfg.get("id2label") or {}
-    num_classes = cfg.get("num_labels") or len(labels)
-    if not num_classes:
-        raise ValueError(f"{folder}/config.json: no id2label / num_labels to read the number of classes from")
+def _hf_backbone(bb: dict) -> Tuple[str, Rules, Sequence[str]]:
+    """The timm name and the table (prefixed) of a transformers ``backbone_config``."""
     kind = bb.get("model_type", "swin")
     if kind == "resnet":
         if bb.get("downsample_in_bottleneck") or bb.get("downsample_in_first_stage") or \
@@ -316,29 +385,95 @@ def _hf_config(folder: str) -> Tuple[dict, Rules, Sequence[str]]:
             raise ValueError("backbone_config: only the torchvision ResNet layout (stride in the 3x3 conv, 64-wide "
                              "stem) maps onto timm's ResNet")
         backbone = _backbone_name("resnet", (bb.get("layer_type", "bottleneck"), tuple(bb.get("depths", (3, 4, 6, 3)))))
-        rules, ignored, prefix = HF_RESNET, (), "model.pixel_level_module.encoder."
+        rules, ignored = HF_RESNET, ()
     elif kind in ("swin", "maskformer-swin"):
         if bb.get("use_absolute_embeddings") or bb.get("patch_size", 4) != 4 or bb.get("mlp_ratio", 4.0) != 4.0:
             raise ValueError("backbone_config: only Swin with patch 4, MLP ratio 4 and no absolute position "
                              "embedding maps onto timm's Swin")
         backbone = _backbone_name("swin", (bb.get("embed_dim", 96), tuple(bb.get("depths", (2, 2, 6, 2))),
                                            tuple(bb.get("num_heads", (3, 6, 12, 24))), bb.get("window_size", 7)))
-        rules, ignored, prefix = HF_SWIN, HF_SWIN_IGNORED, "model.pixel_level_module.encoder."
+        rules, ignored = HF_SWIN, HF_SWIN_IGNORED
     else:
         raise ValueError(f"backbone_config.model_type: expected 'resnet' or 'swin', got {kind!r}")
-    kwargs = dict(num_classes=int(num_classes), backbone=backbone, num_queries=dec.get("num_queries", 100),
-                  hidden_dim=dec.get("d_model", 256), mask_dim=cfg.get("mask_feature_size", 256),
-                  nheads=dec.get("decoder_attention_heads", 8), dim_feedforward=dec.get("decoder_ffn_dim", 2048),
-                  dec_layers=dec.get("decoder_layers", 6), enc_layers=0, dropout=dec.get("dropout", 0.1),
-                  conv_dim=cfg.get("fpn_feature_size", 256), pixel_decoder="base",
-                  class_weight=cfg.get("cross_entropy_weight", 1.0), mask_weight=cfg.get("mask_weight", 20.0),
-                  dice_weight=cfg.get("dice_weight", 1.0), no_object_weight=cfg.get("no_object_weight", 0.1))
+    prefix = re.escape("model.pixel_level_module.encoder.")
+    return backbone, tuple((prefix + s, t) for s, t in rules), tuple(prefix + s for s in ignored)
+
+
+def _hf_num_classes(cfg: dict, folder: str) -> int:
+    num_classes = cfg.get("num_labels") or len(cfg.get("id2label") or {})
+    if not num_classes:
+        raise ValueError(f"{folder}/config.json: no id2label / num_labels to read the number of classes from")
+    return int(num_classes)
+
+
+def _hf_maskformer(cfg: dict, folder: str) -> dict:
+    """MaskFormer keyword arguments of a ``MaskFormerForInstanceSegmentation`` config."""
+    dec = cfg.get("decoder_config") or {}
+    if dec.get("activation_function", "relu") != "relu":
+        raise ValueError(f"decoder_config.activation_function: expected 'relu' (DETR's), got "
+                         f"{dec['activation_function']!r}")
+    return dict(num_queries=dec.get("num_queries", 100), hidden_dim=dec.get("d_model", 256),
+                mask_dim=cfg.get("mask_feature_size", 256), nheads=dec.get("decoder_attention_heads", 8),
+                dim_feedforward=dec.get("decoder_ffn_dim", 2048), dec_layers=dec.get("decoder_layers", 6), enc_layers=0,
+                dropout=dec.get("dropout", 0.1), conv_dim=cfg.get("fpn_feature_size", 256), pixel_decoder="base",
+                class_weight=cfg.get("cross_entropy_weight", 1.0), mask_weight=cfg.get("mask_weight", 20.0),
+                dice_weight=cfg.get("dice_weight", 1.0), no_object_weight=cfg.get("no_object_weight", 0.1))
+
+
+def _hf_mask2former(cfg: dict, folder: str) -> dict:
+    """Mask2Former keyword arguments of a ``Mask2FormerForUniversalSegmentation`` config. transformers
+    counts the initial prediction as a decoder layer (10 = 9 layers); its deformable encoder has 4
+    points per head and level and the decoder's head count."""
+    for key, expected in (("pre_norm", False), ("activation_function", "relu"), ("common_stride", 4)):
+        if cfg.get(key, expected) != expected:
+            raise ValueError(f"{folder}/config.json: {key}: fastmaskformer's Mask2Former supports {expected!r} only "
+                             f"(the official recipes'), got {cfg[key]!r}")
+    if tuple(cfg.get("feature_strides", (4, 8, 16, 32))) != (4, 8, 16, 32):
+        raise ValueError(f"{folder}/config.json: feature_strides: expected [4, 8, 16, 32], got "
+                         f"{cfg['feature_strides']}")
+    hidden, conv = cfg.get("hidden_dim", 256), cfg.get("feature_size", 256)
+    if cfg.get("enforce_input_projection") and hidden == conv:
+        raise ValueError(f"{folder}/config.json: enforce_input_projection: fastmaskformer's Mask2Former projects the "
+                         f"pixel decoder's maps only when feature_size ({conv}) differs from hidden_dim ({hidden})")
+    layers = cfg.get("decoder_layers", 10)
+    if layers < 2:
+        raise ValueError(f"{folder}/config.json: decoder_layers: expected >= 2 (the initial prediction counts as "
+                         f"one), got {layers}")
+    heads = cfg.get("num_attention_heads", 8)
+    return dict(num_queries=cfg.get("num_queries", 100), hidden_dim=hidden, mask_dim=cfg.get("mask_feature_size", 256),
+                nheads=heads, dim_feedforward=cfg.get("dim_feedforward", 2048), dec_layers=layers - 1, conv_dim=conv,
+                enc_layers=cfg.get("encoder_layers", 6), enc_nheads=heads, enc_n_points=4,
+                enc_dim_feedforward=cfg.get("encoder_feedforward_dim", 1024), dropout=cfg.get("dropout", 0.0),
+                deep_supervision=cfg.get("use_auxiliary_loss", True), class_weight=cfg.get("class_weight", 2.0),
+                mask_weight=cfg.get("mask_weight", 5.0), dice_weight=cfg.get("dice_weight", 5.0),
+                no_object_weight=cfg.get("no_object_weight", 0.1), num_points=cfg.get("train_num_points", 12544),
+                oversample_ratio=cfg.get("oversample_ratio", 3.0),
+                importance_sample_ratio=cfg.get("importance_sample_ratio", 0.75))
+
+
+# config.json's model_type -> (fastmaskformer architecture, its keyword reader, its head table)
+_HF_MODELS = {"maskformer": ("maskformer", _hf_maskformer, HF_MASKFORMER),
+              "mask2former": ("mask2former", _hf_mask2former, HF_MASK2FORMER)}
+
+
+def _hf_config(folder: str) -> Tuple[str, dict, Rules, Sequence[str]]:
+    """(architecture, keyword arguments, table, ignored) of a transformers folder's config.json."""
+    cfg = _json(os.path.join(folder, "config.json"))
+    kind = cfg.get("model_type")
+    if kind not in _HF_MODELS:
+        raise ValueError(f"{folder}/config.json: model_type: expected 'maskformer' (MaskFormerForInstanceSegmentation) "
+                         f"or 'mask2former' (Mask2FormerForUniversalSegmentation), got {kind!r}")
+    arch, read, head_rules = _HF_MODELS[kind]
+    if not isinstance(cfg.get("backbone_config"), dict):
+        raise ValueError(f"{folder}/config.json: expected a backbone_config (a transformers ResNet or Swin); timm and "
+                         f"named backbones are not converted")
+    backbone, backbone_rules, ignored = _hf_backbone(cfg["backbone_config"])
+    kwargs = dict(num_classes=_hf_num_classes(cfg, folder), backbone=backbone, **read(cfg, folder))
     pre = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(pre):
         p = _json(pre)
         kwargs.update({k: tuple(p[h]) for k, h in (("pixel_mean", "image_mean"), ("pixel_std", "image_std")) if h in p})
-    backbone_rules = tuple((re.escape(prefix) + s, t) for s, t in rules)
-    return kwargs, backbone_rules + HF_MASKFORMER, tuple(re.escape(prefix) + s for s in ignored)
+    return arch, kwargs, backbone_rules + head_rules, ignored
 
 
 def _count(keys, pattern: str) -> Dict[int, set]:
@@ -378,30 +513,80 @@ def _d2_backbone(state: State, prefix: str) -> Tuple[str, Rules, Sequence[str]]:
                      f"under {prefix!r}")
 
 
-def _d2_config(state: State, nheads: int) -> Tuple[dict, Rules, Sequence[str]]:
+_PRED, _PD = "sem_seg_head.predictor.", "sem_seg_head.pixel_decoder."
+
+
+def _shape(state: State, key: str, dim: int) -> int:
+    if key not in state:
+        raise KeyError(f"detectron2 checkpoint: expected the official key {key!r} (first keys: {sorted(state)[:5]})")
+    return int(state[key].shape[dim])
+
+
+def _d2_maskformer(state: State, nheads: int, enc_nheads: Optional[int]) -> dict:
     """MaskFormer keyword arguments read from the shapes of official detectron2 weights."""
-    pred, pd = "sem_seg_head.predictor.", "sem_seg_head.pixel_decoder."
-    for key in (pred + "class_embed.weight", pred + "query_embed.weight", pd + "mask_features.weight"):
-        if key not in state:
-            raise KeyError(f"detectron2 checkpoint: expected the official MaskFormer key {key!r}; is this a MaskFormer "
-                           f"checkpoint? (first keys: {sorted(state)[:5]})")
-    backbone, rules, ignored = _d2_backbone(state, "backbone.")
+    pred, pd = _PRED, _PD
     dec = _count(state, re.escape(pred) + r"transformer\.decoder\.layers\.(\d+)\.(.*)")
     enc = _count(state, re.escape(pred) + r"transformer\.encoder\.layers\.(\d+)\.(.*)")
     pd_enc = _count(state, re.escape(pd) + r"transformer\.encoder\.layers\.(\d+)\.(.*)")
-    hidden = int(state[pred + "query_embed.weight"].shape[1])
-    kwargs = dict(num_classes=int(state[pred + "class_embed.weight"].shape[0]) - 1, backbone=backbone,
-                  num_queries=int(state[pred + "query_embed.weight"].shape[0]), hidden_dim=hidden,
-                  mask_dim=int(state[pd + "mask_features.weight"].shape[0]), nheads=nheads,
-                  dim_feedforward=int(state[pred + "transformer.decoder.layers.0.linear1.weight"].shape[0]),
-                  dec_layers=len(dec), enc_layers=len(pd_enc) or len(enc),
-                  conv_dim=int(state[pd + "mask_features.weight"].shape[1]),
-                  pixel_decoder="transformer_encoder" if pd_enc else "base")
     if pd_enc and enc:
         raise ValueError("detectron2 checkpoint: encoder layers both in the pixel decoder and in the predictor; "
                          "fastmaskformer.MaskFormer has one enc_layers for either place")
+    return dict(num_classes=_shape(state, pred + "class_embed.weight", 0) - 1,
+                num_queries=_shape(state, pred + "query_embed.weight", 0),
+                hidden_dim=_shape(state, pred + "query_embed.weight", 1),
+                mask_dim=_shape(state, pd + "mask_features.weight", 0), nheads=nheads,
+                dim_feedforward=_shape(state, pred + "transformer.decoder.layers.0.linear1.weight", 0),
+                dec_layers=len(dec), enc_layers=len(pd_enc) or len(enc),
+                conv_dim=_shape(state, pd + "mask_features.weight", 1),
+                pixel_decoder="transformer_encoder" if pd_enc else "base")
+
+
+def _d2_mask2former(state: State, nheads: int, enc_nheads: Optional[int]) -> dict:
+    """Mask2Former keyword arguments read from the shapes of official detectron2 weights. The head
+    counts are not in the weights (official: 8 for both; the encoder's follows ``nheads`` as in the
+    official config); the points per head and level follow from them."""
+    pred, pd = _PRED, _PD
+    enc_nheads = nheads if enc_nheads is None else enc_nheads
+    query = pred + ("query_feat.weight" if pred + "query_feat.weight" in state else "static_query.weight")
+    levels = _shape(state, pd + "transformer.level_embed", 0)
+    if levels != 3:
+        raise ValueError(f"detectron2 checkpoint: the deformable encoder reads {levels} levels; fastmaskformer's "
+                         f"Mask2Former reads res3..res5 (3), as the official recipes do")
+    if any(k.startswith(pd + "adapter_2.") for k in state):
+        raise ValueError("detectron2 checkpoint: more than one FPN level in the pixel decoder (COMMON_STRIDE < 4); "
+                         "fastmaskformer's Mask2Former has one (res2)")
+    rows = _shape(state, pd + "transformer.encoder.layers.0.self_attn.attention_weights.weight", 0)
+    if rows % (enc_nheads * levels):
+        raise ValueError(f"enc_nheads: the encoder's attention weights have {rows} rows, not a multiple of "
+                         f"enc_nheads * levels = {enc_nheads} * {levels}; pass the checkpoint's enc_nheads=")
+    hidden, conv = _shape(state, query, 1), _shape(state, pd + "mask_features.weight", 1)
+    if hidden == conv and pred + "input_proj.0.weight" in state:
+        raise ValueError("detectron2 checkpoint: ENFORCE_INPUT_PROJ (a projection between equal widths) is not "
+                         "supported; fastmaskformer's Mask2Former projects only between different widths")
+    return dict(num_classes=_shape(state, pred + "class_embed.weight", 0) - 1, num_queries=_shape(state, query, 0),
+                hidden_dim=hidden, mask_dim=_shape(state, pd + "mask_features.weight", 0), nheads=nheads,
+                dim_feedforward=_shape(state, pred + "transformer_ffn_layers.0.linear1.weight", 0),
+                dec_layers=len(_count(state, re.escape(pred) + r"transformer_self_attention_layers\.(\d+)\.(.*)")),
+                conv_dim=conv,
+                enc_layers=len(_count(state, re.escape(pd) + r"transformer\.encoder\.layers\.(\d+)\.(.*)")),
+                enc_nheads=enc_nheads, enc_n_points=rows // (enc_nheads * levels),
+                enc_dim_feedforward=_shape(state, pd + "transformer.encoder.layers.0.linear1.weight", 0))
+
+
+def _d2_config(state: State, nheads: int, enc_nheads: Optional[int] = None) -> Tuple[str, dict, Rules, Sequence[str]]:
+    """(architecture, keyword arguments, table, ignored) of official detectron2 weights: Mask2Former
+    if its decoder's per-sub-layer lists are there, MaskFormer otherwise."""
+    for key in (_PRED + "class_embed.weight", _PD + "mask_features.weight"):
+        if key not in state:
+            raise KeyError(f"detectron2 checkpoint: expected the official MaskFormer / Mask2Former key {key!r}; is "
+                           f"this a MaskFormer or Mask2Former checkpoint? (first keys: {sorted(state)[:5]})")
+    mask2former = any(k.startswith(_PRED + "transformer_self_attention_layers.") for k in state)
+    arch, read, head_rules = (("mask2former", _d2_mask2former, D2_MASK2FORMER) if mask2former
+                              else ("maskformer", _d2_maskformer, D2_MASKFORMER))
+    backbone, rules, ignored = _d2_backbone(state, "backbone.")
+    kwargs = dict(backbone=backbone, **read(state, nheads, enc_nheads))
     backbone_rules = tuple((r"backbone\." + s, t) for s, t in rules)
-    return kwargs, backbone_rules + D2_MASKFORMER, tuple(r"backbone\." + s for s in ignored)
+    return arch, kwargs, backbone_rules + head_rules, tuple(r"backbone\." + s for s in ignored)
 
 
 # -- loading into models -------------------------------------------------------------------------
@@ -466,90 +651,127 @@ def load_backbone_weights(backbone: torch.nn.Module, path: str, allow_unmapped: 
 
 
 # -- whole models --------------------------------------------------------------------------------
-def convert_state(src: str, nheads: int = 8) -> Tuple[dict, State, List[str]]:
-    """(MaskFormer keyword arguments, converted state dict, unmapped source keys) of a source."""
+def convert_state(src: str, nheads: int = 8, enc_nheads: Optional[int] = None
+                  ) -> Tuple[str, dict, State, List[str]]:
+    """(architecture "maskformer" or "mask2former", its keyword arguments, the converted state dict,
+    the unmapped source keys) of a source. ``nheads`` / ``enc_nheads``: the head counts of a .pkl,
+    whose weights do not show them (Mask2Former's encoder follows ``nheads`` unless given)."""
     src = os.fspath(src)
     if os.path.isdir(src):
         if not os.path.isfile(os.path.join(src, "config.json")):
             raise FileNotFoundError(f"{src}: a Hugging Face folder needs config.json")
-        kwargs, rules, ignored = _hf_config(src)
+        arch, kwargs, rules, ignored = _hf_config(src)
         state = _hf_weights(src)
     elif src.endswith(".pkl"):
         state = read_weights(src)
-        kwargs, rules, ignored = _d2_config(state, nheads)
+        arch, kwargs, rules, ignored = _d2_config(state, nheads, enc_nheads)
     else:
         raise ValueError(f"src: expected a Hugging Face folder or a detectron2 .pkl, got {src!r}")
     mapped, unmapped = remap(state, rules, ignored)
-    return kwargs, mapped, unmapped
+    return arch, kwargs, mapped, unmapped
 
 
-def _model_config(kwargs: dict):
-    """The trainer's Config for a model built with ``kwargs``."""
+def _defaults(cls: type) -> dict:
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _model_config(arch: str, cls: type, kwargs: dict):
+    """(the trainer's Config for ``cls(**kwargs)``, the arguments ModelConfig has no field for).
+    Fields the source does not set take ``cls``'s defaults, not ModelConfig's (Mask2Former's loss
+    weights differ from MaskFormer's)."""
     from .config import Config, ModelConfig
     cfg = Config()
+    cfg.model.meta_architecture = arch
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    for k, v in kwargs.items():
+    extra = {}
+    for k, v in {**_defaults(cls), **kwargs}.items():
         if k == "num_classes":
             cfg.data.num_classes = v
         elif k in fields:
             setattr(cfg.model, k, tuple(v) if isinstance(v, list) else v)
-    return cfg
+        elif k in kwargs:
+            extra[k] = v
+    return cfg, extra
 
 
 def _build(path: str, model_class: Optional[type], allow_unmapped: bool, overrides: dict):
-    """(model, its constructor arguments) for ``from_pretrained``."""
-    from .modeling import MaskFormer
-    model_class = model_class or MaskFormer
-    if model_class is not MaskFormer:
-        raise NotImplementedError(f"model_class: MaskFormer checkpoints convert to fastmaskformer.MaskFormer; got "
-                                  f"{getattr(model_class, '__name__', model_class)!r}")
+    """(model, its architecture name, its constructor arguments) for ``from_pretrained``."""
+    from .engine.build import model_class as class_of
     path = os.fspath(path)
     if os.path.isfile(path) and not path.endswith(".pkl"):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
             raise ValueError(f"path: expected a checkpoint with 'model' and 'config' (as convert writes it), got "
                              f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}")
-        kwargs = {k: v for k, v in ckpt["config"]["model"].items() if k != "meta_architecture"}
+        kwargs = dict(ckpt["config"]["model"])
+        arch = kwargs.pop("meta_architecture", "maskformer")
+        kwargs.update(ckpt.get("model_kwargs") or {})  # what convert could not write into the config
         kwargs["num_classes"] = ckpt["config"]["data"]["num_classes"]
         mapped, unmapped = ckpt["model"], []
     else:
-        kwargs, mapped, unmapped = convert_state(path, overrides.get("nheads", 8))
+        arch, kwargs, mapped, unmapped = convert_state(path, overrides.get("nheads", 8), overrides.get("enc_nheads"))
+    cls = class_of(arch)
+    if model_class is not None:
+        if not (isinstance(model_class, type) and issubclass(model_class, cls)):
+            raise ValueError(f"model_class: {path} holds a {cls.__name__} checkpoint, which converts to "
+                             f"fastmaskformer.{cls.__name__} (or a subclass); got "
+                             f"{getattr(model_class, '__name__', model_class)!r}")
+        cls = model_class
+    accepted = _defaults(cls).keys() | {"num_classes"}
+    # Config fields of the other architecture (e.g. MaskFormer's pixel_decoder) are not the class's arguments.
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     kwargs.update(overrides)
-    model = model_class(**kwargs)
+    model = cls(**kwargs)
     _load_checked(model, mapped, unmapped, allow_unmapped, path)
-    return model, kwargs
+    return model, arch, kwargs
 
 
 def from_pretrained(path: str, model_class: Optional[type] = None, allow_unmapped: bool = False, **overrides):
-    """A model with the weights and configuration of ``path``: a Hugging Face MaskFormer folder, an
-    official detectron2 MaskFormer ``.pkl``, or a checkpoint written by ``convert`` or the trainer
-    (``{"model", "config"}``). ``overrides`` replace constructor arguments (e.g. ``fused=True``, or
-    ``nheads=`` for a .pkl, whose head count the weights do not show)."""
+    """A model with the weights and configuration of ``path``: a Hugging Face MaskFormer or Mask2Former
+    folder, an official detectron2 MaskFormer or Mask2Former ``.pkl``, or a checkpoint written by
+    ``convert`` or the trainer (``{"model", "config"}``). The class is the source's (``model_class``,
+    if given, must be it or a subclass). ``overrides`` replace constructor arguments (e.g.
+    ``fused=True``, or ``nheads=`` / ``enc_nheads=`` for a .pkl, whose head counts the weights do not
+    show)."""
     return _build(path, model_class, allow_unmapped, overrides)[0]
 
 
 def convert(src: str, out: str, allow_unmapped: bool = False, **overrides) -> str:
     """Convert ``src`` to ``out`` (.pth) and write the config next to it (``out`` with .yaml);
-    returns the config's path."""
+    returns the config's path. Constructor arguments that the config has no field for (e.g.
+    Mask2Former's ``enc_dim_feedforward``) are kept in the checkpoint for ``from_pretrained``; when
+    they differ from the class's defaults a warning says that a model built from the .yaml alone
+    would not take these weights."""
     from .config import save_config, to_dict
     from .engine.checkpoint import save_atomic
-    model, kwargs = _build(src, None, allow_unmapped, overrides)
-    cfg = _model_config(kwargs)
-    save_atomic({"model": model.state_dict(), "config": to_dict(cfg)}, out)
+    model, arch, kwargs = _build(src, None, allow_unmapped, overrides)
+    cfg, extra = _model_config(arch, type(model), kwargs)
+    defaults = _defaults(type(model))
+    differ = {k: v for k, v in extra.items() if k in defaults and _plain(v) != _plain(defaults[k])}
+    if differ:
+        warnings.warn(f"{out}: the config has no fields for {differ} (the class defaults are "
+                      f"{ {k: defaults[k] for k in differ} }); from_pretrained({out!r}) restores them, but train / "
+                      f"evaluate with the .yaml build the defaults, which these weights do not fit", stacklevel=2)
+    save_atomic({"model": model.state_dict(), "config": to_dict(cfg), "model_kwargs": extra}, out)
     yaml_path = os.path.splitext(out)[0] + ".yaml"
     save_config(cfg, yaml_path)
     return yaml_path
 
 
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> str:
     import yaml
     p = argparse.ArgumentParser(prog="python -m fastmaskformer.convert",
-                                description="Convert a Hugging Face or detectron2 MaskFormer checkpoint.")
+                                description="Convert a Hugging Face or detectron2 MaskFormer / Mask2Former checkpoint.")
     p.add_argument("src", help="a Hugging Face save_pretrained folder, or an official detectron2 .pkl")
     p.add_argument("out", help="the checkpoint to write (.pth); its config goes next to it as .yaml")
     p.add_argument("--allow-unmapped", action="store_true", help="drop source keys that no rule maps")
     p.add_argument("overrides", nargs="*", metavar="FIELD=VALUE",
-                   help="MaskFormer arguments to override, e.g. nheads=8 (values parsed as YAML)")
+                   help="model arguments to override, e.g. nheads=8 (values parsed as YAML)")
     args = p.parse_args(argv)
     overrides = {}
     for item in args.overrides:
