@@ -10,6 +10,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The GPU script reruns the parity tests with FMF_MATMUL_PRECISION=high (TF32 matmuls; see tolerances.py).
+if os.environ.get("FMF_MATMUL_PRECISION"):
+    torch.set_float32_matmul_precision(os.environ["FMF_MATMUL_PRECISION"])
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -92,6 +92,26 @@ def test_criterion_losses_compile_fullgraph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ["maskformer", "mask2former"])
+def test_fused_model_compiles_fullgraph_on_cuda(arch):
+    """The fused model's forward (Triton mask logits, Triton deformable attention) as one graph."""
+    from fastmaskformer import Mask2Former, MaskFormer
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    small = dict(backbone="resnet18", num_queries=8, hidden_dim=32, mask_dim=32, nheads=2, dim_feedforward=64,
+                 conv_dim=32, fused=True)
+    model = (MaskFormer(5, dec_layers=2, **small) if arch == "maskformer" else Mask2Former(5, dec_layers=3, **small))
+    model = model.cuda().eval()
+    images = torch.rand(2, 3, 64, 96, device="cuda")
+    with torch.no_grad():
+        want, got = model(images), torch.compile(model, fullgraph=True)(images)
+    assert_close(got["pred_logits"], want["pred_logits"], what="pred_logits")
+    assert_close(got["pred_masks"], want["pred_masks"], what="pred_masks")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_triton_ops_compile_fullgraph_on_cuda():
     torch._dynamo.reset()
     x = (torch.randn(5, 9, 11, device="cuda") * 3).requires_grad_()

@@ -2,7 +2,8 @@
 the same losses and the same gradients of every parameter (issue: fused=True end to end).
 
 On the CPU, "auto" composes the native backends (matching cost, mask loss, LAP); the second variant
-forces the Triton kernels (run by the interpreter here) for the mask loss and the mask logits.
+forces the Triton kernels (run by the interpreter here) for the mask loss and the mask logits. On a
+GPU, "cuda" runs the model there: Triton mask logits and loss, the CUDA cost and the CUDA solver.
 """
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tolerances import assert_close
 VARIANTS = {
     "auto": {},
     "triton": {"FASTMASKFORMER_BACKEND_MASK_LOSS": "triton", "FASTMASKFORMER_BACKEND_MASK_LOGITS": "triton"},
+    "cuda": {},
 }
 
 
@@ -55,16 +57,21 @@ CASES = {
     "N close to Q": ([5], (96, 64), 3),
 }
 # The interpreter is slow: the Triton variant runs the two cases that differ most.
-PARAMS = [(v, c) for v in VARIANTS for c in CASES if v == "auto" or c in ("two images", "one empty image, non-square")]
+PARAMS = [pytest.param(v, c, id=f"{v}-{c}", marks=[pytest.mark.gpu] if v == "cuda" else [])
+          for v in VARIANTS for c in CASES if v != "triton" or c in ("two images", "one empty image, non-square")]
 
 
-@pytest.mark.parametrize("variant,case", PARAMS, ids=[f"{v}-{c}" for v, c in PARAMS])
+@pytest.mark.parametrize("variant,case", PARAMS)
 def test_fused_matches_reference(variant, case, monkeypatch):
+    if variant == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    device = "cuda" if variant == "cuda" else "cpu"
     sizes, image_hw, seed = CASES[case]
     for k, v in VARIANTS[variant].items():
         monkeypatch.setenv(k, v)
-    model = tiny_model().train()
+    model = tiny_model().to(device).train()
     images, targets = batch(sizes, image_hw, seed)
+    images, targets = images.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets]
     ref_losses, ref_idx, ref_grads = step(model, False, images, targets)
     fused_losses, fused_idx, fused_grads = step(model, True, images, targets)
     for layer, (a, b) in enumerate(zip(ref_idx, fused_idx)):
