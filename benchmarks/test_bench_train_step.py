@@ -1,11 +1,16 @@
-"""The criterion with aux losses (6 decoder layers) and the full training step of the R50 recipe at
-crop 512, in three variants: reference eager, torch.compile(reference criterion), and fused.
+"""The criterion with aux losses (6 decoder layers) and the full training step, at crop 512.
+
+- criterion: reference eager, torch.compile(reference criterion), fused.
+- training step of the R50 recipe and of the debug model (configs/debug.yaml's sizes): reference
+  and fused, each eager and with ``train.compile`` (``model.compile_training()``: the forward and the
+  criterion's losses compiled, the matcher eager).
 
     pytest benchmarks/test_bench_train_step.py --benchmark-only
     FMF_BENCH_BATCH=2 FMF_BENCH_TARGETS=10 pytest ...   # shapes (defaults: B in {2, 8}, 10 targets/image)
 
-Each benchmark records its peak memory above the inputs (extra_info["peak_mb"]). On the CPU the
-step takes tens of seconds: rounds are few; the warm-up call absorbs torch.compile's compile.
+Each benchmark records its peak memory above the inputs (extra_info["peak_mb"]). On the CPU a step
+takes up to tens of seconds: 3 timed rounds (1 for the R50 step at B=8, which the report's round
+column shows); the warm-up call absorbs torch.compile's compilation.
 """
 import os
 
@@ -22,8 +27,14 @@ from conftest import DEVICE, run_and_time
 BATCHES = [int(b) for b in os.environ.get("FMF_BENCH_BATCH", "2,8").split(",")]
 TARGETS = int(os.environ.get("FMF_BENCH_TARGETS", "10"))
 K, Q, L, CROP = 150, 100, 6, 512
-ROUNDS = 3 if DEVICE == "cuda" else 1
+ROUNDS = 3
 VARIANTS = ["reference", "compiled", "fused"]
+STEP_VARIANTS = ["reference", "reference+compile", "fused", "fused+compile"]
+MODELS = {
+    "R50": dict(backbone="resnet50"),
+    "debug": dict(backbone="resnet18", num_queries=8, hidden_dim=32, mask_dim=32, conv_dim=32, nheads=2,
+                  dim_feedforward=64, dec_layers=2),
+}
 
 
 def make_targets(B, seed=0):
@@ -63,15 +74,17 @@ def test_criterion_all_layers(benchmark, B, variant):
     run_and_time(benchmark, variant, step, rounds=ROUNDS)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", STEP_VARIANTS)
 @pytest.mark.parametrize("B", BATCHES)
-def test_training_step(benchmark, B, variant):
-    """Forward, matcher, criterion with aux losses, backward, for MaskFormer R50 (K=150) at 512x512."""
-    benchmark.group = f"train step R50 B={B} N={TARGETS}/img crop {CROP}"
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_training_step(benchmark, arch, B, variant):
+    """Forward, matcher, criterion with aux losses, backward, for MaskFormer (K=150) at 512x512."""
+    benchmark.group = f"train step {arch} B={B} N={TARGETS}/img crop {CROP}"
+    torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MaskFormer(K, backbone="resnet50", fused=variant == "fused").to(DEVICE).train()
-    if variant == "compiled":
-        model.criterion = make_criterion(variant)
+    model = MaskFormer(K, fused=variant.startswith("fused"), **MODELS[arch]).to(DEVICE).train()
+    if variant.endswith("+compile"):
+        model.compile_training()
     images = torch.rand(B, 3, CROP, CROP, device=DEVICE)
     targets = make_targets(B)
 
@@ -81,4 +94,5 @@ def test_training_step(benchmark, B, variant):
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
-    run_and_time(benchmark, variant, step, rounds=ROUNDS)
+    heavy = DEVICE == "cpu" and arch == "R50" and B > 2
+    run_and_time(benchmark, variant, step, rounds=1 if heavy else ROUNDS)
