@@ -9,14 +9,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-
-try:  # torch >= 2.6: ops that torch.compile traces through
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # pragma: no cover - older torch: plain autograd.Function, launched directly
-    triton_op = None
-
-    def wrap_triton(kernel):
-        return kernel
+from torch.library import triton_op, wrap_triton  # torch >= 2.6, which setup.py requires
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -78,26 +71,12 @@ def bilinear_sample(base, oy0, oy1, wy0, wy1, ox0, ox1, wx0, wx1, mask):
 
 def op_with_autograd(name: str, forward: Callable, backward: Callable, setup_context: Callable) -> Callable:
     """``forward`` (type-annotated, launching kernels through ``wrap_triton``) as the torch.library op
-    ``name`` with ``backward``; on a torch without triton_op, the same as an autograd.Function."""
-    if triton_op is not None:
-        op = triton_op(name, mutates_args=())(forward)
-        op.register_autograd(backward, setup_context=setup_context)
-        return op
-
-    class _Fn(torch.autograd.Function):  # pragma: no cover - torch < 2.6
-        @staticmethod
-        def forward(ctx, *args):
-            out = forward(*args)
-            setup_context(ctx, args, out)
-            return out
-
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
-
-    return _Fn.apply
+    ``name`` with ``backward``: torch.compile traces through it."""
+    op = triton_op(name, mutates_args=())(forward)
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
 
 
 def plain_op(name: str, fn: Callable) -> Callable:
-    """``fn`` as a torch.library op without autograd (a backward kernel), or ``fn`` itself on old torch."""
-    return triton_op(name, mutates_args=())(fn) if triton_op is not None else fn
+    """``fn`` as a torch.library op without autograd (a backward kernel)."""
+    return triton_op(name, mutates_args=())(fn)

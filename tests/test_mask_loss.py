@@ -237,3 +237,25 @@ def test_cuda_auto_uses_triton_and_compiles():
     mask, dice = fused(z, t, 4.0)
     (grad,) = torch.autograd.grad(0.7 * mask + 1.3 * dice, z)
     assert_close(grad, eager, what="compiled d/d(pred_masks)", grad=True)
+
+
+@pytest.mark.skipif(not {"native", "triton"} <= set(BACKENDS), reason="needs both fused backends installed")
+def test_every_backend_reduces_to_the_same_statistics():
+    """The one statistics contract (ops._mask_loss.losses_from_stats): per mask, the sums over the
+    H x W pixels of (focal, s t, s, t), checked column by column between the native and Triton
+    kernels and against the reference's per-pixel terms."""
+    import torch.nn.functional as F
+
+    from fastmaskformer.kernels.mask_loss import sums as triton_sums
+
+    x, t = _logits(3, 5, 7, "cpu"), _masks(3, 17, 19, "cpu")
+    native = torch.ops.fastmaskformer.mask_loss_forward(x, t, 0.25, 2.0)
+    triton = triton_sums(x, t, 0.25, 2.0)
+    up = F.interpolate(x[:, None], size=(17, 19), mode="bilinear", align_corners=False)[:, 0].flatten(1)
+    tf, s = t.flatten(1).float(), up.sigmoid()
+    p_t = s * tf + (1 - s) * (1 - tf)
+    focal = (0.25 * tf + 0.75 * (1 - tf)) * (1 - p_t) ** 2 * F.binary_cross_entropy_with_logits(up, tf, reduction="none")
+    want = torch.stack([focal.sum(1), (s * tf).sum(1), s.sum(1), tf.sum(1)], 1)
+    for got, name in ((native, "native"), (triton, "triton")):
+        assert got.shape == (3, 4) and got.dtype == torch.float32
+        assert_close(got, want, what=f"{name} statistics")
