@@ -85,6 +85,9 @@ class ModelConfig:
     """Mask2Former: the loss draws this many times num_points uniform candidates per mask (official: 3)."""
     importance_sample_ratio: float = 0.75
     """Mask2Former: fraction of the loss's points taken where the prediction is most uncertain (official: 0.75)."""
+    mask_sampling: str = "points"
+    """Mask2Former: "points" (official: BCE + dice on sampled points) or "full" (the exact full-resolution
+    BCE + dice through the fused mask loss, no sampling)."""
     size_divisibility: int = 32
     """The model pads its input to a multiple of this."""
     object_mask_threshold: float = 0.8
