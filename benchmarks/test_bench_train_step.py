@@ -1,8 +1,8 @@
 """The criterion with aux losses (6 decoder layers) and the full training step, at crop 512.
 
 - criterion: reference eager, torch.compile(reference criterion), fused.
-- training step of the R50 recipe and of the debug model (configs/debug.yaml's sizes): reference
-  and fused, each eager and with ``train.compile`` (``model.compile_training()``: the forward and the
+- training step of the MaskFormer R50 recipe, of the debug model (configs/debug.yaml's sizes) and
+  of Mask2Former R50 (its point-sampled loss): reference and fused, each eager and with ``train.compile`` (``model.compile_training()``: the forward and the
   criterion's losses compiled, the matcher eager).
 
     pytest benchmarks/test_bench_train_step.py --benchmark-only
@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from fastmaskformer import MaskFormer
+from fastmaskformer import Mask2Former, MaskFormer
 from fastmaskformer.criterion import SetCriterion
 from fastmaskformer.matcher import HungarianMatcher
 from fastmaskformer.modeling.maskformer import loss_weights
@@ -31,9 +31,10 @@ ROUNDS = 3
 VARIANTS = ["reference", "compiled", "fused"]
 STEP_VARIANTS = ["reference", "reference+compile", "fused", "fused+compile"]
 MODELS = {
-    "R50": dict(backbone="resnet50"),
-    "debug": dict(backbone="resnet18", num_queries=8, hidden_dim=32, mask_dim=32, conv_dim=32, nheads=2,
-                  dim_feedforward=64, dec_layers=2),
+    "R50": (MaskFormer, dict(backbone="resnet50")),
+    "debug": (MaskFormer, dict(backbone="resnet18", num_queries=8, hidden_dim=32, mask_dim=32, conv_dim=32, nheads=2,
+                               dim_feedforward=64, dec_layers=2)),
+    "Mask2Former R50": (Mask2Former, dict(backbone="resnet50")),
 }
 
 
@@ -82,7 +83,8 @@ def test_training_step(benchmark, arch, B, variant):
     benchmark.group = f"train step {arch} B={B} N={TARGETS}/img crop {CROP}"
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = MaskFormer(K, fused=variant.startswith("fused"), **MODELS[arch]).to(DEVICE).train()
+    cls, kwargs = MODELS[arch]
+    model = cls(K, fused=variant.startswith("fused"), **kwargs).to(DEVICE).train()
     if variant.endswith("+compile"):
         model.compile_training()
     images = torch.rand(B, 3, CROP, CROP, device=DEVICE)
@@ -94,5 +96,5 @@ def test_training_step(benchmark, arch, B, variant):
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
-    heavy = DEVICE == "cpu" and arch == "R50" and B > 2
+    heavy = DEVICE == "cpu" and "R50" in arch and B > 2
     run_and_time(benchmark, variant, step, rounds=1 if heavy else ROUNDS)
