@@ -107,8 +107,32 @@ def _register_ms_deform_attn() -> None:
     torch.library.register_autograd("fastmaskformer::ms_deform_attn_forward", backward, setup_context=setup_context)
 
 
+def _register_point_mask_loss() -> None:
+    @torch.library.register_fake("fastmaskformer::point_mask_loss_forward")
+    def _forward_fake(pred_masks, target_masks, coords):
+        return pred_masks.new_empty((pred_masks.shape[0], MASK_LOSS_STATS), dtype=torch.float32)
+
+    @torch.library.register_fake("fastmaskformer::point_mask_loss_backward")
+    def _backward_fake(grad_stats, pred_masks, target_masks, coords):
+        return pred_masks.new_empty(pred_masks.shape)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad_stats):
+        # Targets are data and the criterion draws the points without a gradient: only the logits get one.
+        pred_masks, target_masks, coords = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = torch.ops.fastmaskformer.point_mask_loss_backward(grad_stats, pred_masks, target_masks, coords)
+        return grad, None, None
+
+    torch.library.register_autograd("fastmaskformer::point_mask_loss_forward", backward, setup_context=setup_context)
+
+
 if _C is not None:
     _register_matching_cost()
     _register_mask_loss()
     _register_linear_sum_assignment()
     _register_ms_deform_attn()
+    _register_point_mask_loss()

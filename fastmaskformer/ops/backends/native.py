@@ -28,6 +28,7 @@ from .._linear_sum_assignment import CUDA_MAX_SIDE, Assignment, linear_sum_assig
 from .._mask_loss import losses_from_stats, mask_loss
 from .._matching_cost import matching_cost
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
+from .._point_mask_loss import point_mask_loss
 
 PRIORITY = 10
 BYTE_MASKS = (torch.bool, torch.uint8)  # the kernels read both as bytes
@@ -178,3 +179,21 @@ def _supports_ms_deform_attn(value, *_, **__) -> Optional[str]:
 
 ms_deform_attn.register("native", ms_deform_attn_native, available=native_error, supports=_supports_ms_deform_attn,
                         auto_devices=("cpu",), priority=PRIORITY)
+
+
+# ---- point_mask_loss ----
+
+def point_mask_loss_native(pred_masks, target_masks, coords, num_masks):
+    """The CPU kernel (csrc/ops/cpu/point_mask_loss_kernel.cpp): per-mask statistics of the points, the
+    mask losses' contract with BCE for focal and the P points for the pixels; its backward scatters
+    each point's gradient into the logits' taps. No [N, P] tensor exists in either pass."""
+    stats = torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords)
+    return losses_from_stats(stats, num_masks, coords.shape[1])
+
+
+def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:
+    return _device_reason(pred_masks, ("cpu",))
+
+
+point_mask_loss.register("native", point_mask_loss_native, available=native_error,
+                         supports=_supports_point_mask_loss, auto_devices=("cpu",), priority=PRIORITY)

@@ -14,6 +14,7 @@ from .._checks import MAX_GRID_YZ
 from .._mask_logits import mask_logits
 from .._mask_loss import losses_from_stats, mask_loss
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
+from .._point_mask_loss import point_mask_loss
 from .._semantic_inference import semantic_inference
 
 _error: Optional[str] = None
@@ -22,11 +23,12 @@ try:
     from fastmaskformer.kernels.mask_logits import mask_logits as _mask_logits
     from fastmaskformer.kernels.mask_loss import sums as _mask_loss_sums
     from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
+    from fastmaskformer.kernels.point_mask_loss import stats as _point_mask_loss_stats
     from fastmaskformer.kernels.semantic_inference import semantic_inference as _semantic_inference
 except Exception as exc:  # triton missing or broken: every triton backend reports this, none is called
     _error = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
     INTERPRET = False
-    _mask_logits = _mask_loss_sums = _semantic_inference = _ms_deform_attn_kernel = None
+    _mask_logits = _mask_loss_sums = _semantic_inference = _ms_deform_attn_kernel = _point_mask_loss_stats = None
 
 PRIORITY = 10
 
@@ -89,3 +91,18 @@ def _supports_ms_deform_attn(value, *_, **__) -> Optional[str]:
 
 ms_deform_attn.register("triton", _ms_deform_attn, available=_available,
                         supports=_supports_ms_deform_attn, auto_devices=("cuda",), priority=PRIORITY)
+
+
+# ---- point_mask_loss ----
+
+def _point_mask_loss(pred_masks, target_masks, coords, num_masks):
+    stats = _point_mask_loss_stats(pred_masks, target_masks, coords)
+    return losses_from_stats(stats, num_masks, coords.shape[1])
+
+
+def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:
+    return _device_reason(pred_masks)
+
+
+point_mask_loss.register("triton", _point_mask_loss, available=_available, supports=_supports_point_mask_loss,
+                         auto_devices=("cuda",), priority=PRIORITY)
