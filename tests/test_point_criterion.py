@@ -117,7 +117,8 @@ def test_point_mask_loss_op_matches_formula():
     target = torch.rand(3, 11, 13, generator=g) > 0.5
     coords = fixed_points(3, 9)
     loss_mask, loss_dice = ops.point_mask_loss(pred, target, coords, 2.5)
-    x = np.stack([ind.sample_masks(p[None], c)[0] for p, c in zip(pred.detach().double().numpy(), coords.double().numpy())])
+    x = np.stack([ind.sample_masks(p[None], c)[0]
+                  for p, c in zip(pred.detach().double().numpy(), coords.double().numpy())])
     t = np.stack([ind.sample_masks(m[None].astype(np.float64), c)[0]
                   for m, c in zip(target.numpy(), coords.double().numpy())])
     e_mask, e_dice = ind.point_losses(x, t, 2.5)
