@@ -130,9 +130,17 @@ def _register_point_mask_loss() -> None:
     torch.library.register_autograd("fastmaskformer::point_mask_loss_forward", backward, setup_context=setup_context)
 
 
+def _register_point_matching_cost() -> None:
+    @torch.library.register_fake("fastmaskformer::point_matching_cost")
+    def _fake(pred_logits, pred_masks, tgt_labels, tgt_masks, coords, cost_class, cost_mask, cost_dice):
+        n_max = max((m.shape[0] for m in tgt_masks), default=0)
+        return pred_logits.new_empty((pred_logits.shape[0], pred_logits.shape[1], n_max), dtype=torch.float32)
+
+
 if _C is not None:
     _register_matching_cost()
     _register_mask_loss()
     _register_linear_sum_assignment()
     _register_ms_deform_attn()
     _register_point_mask_loss()
+    _register_point_matching_cost()

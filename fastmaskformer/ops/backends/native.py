@@ -29,6 +29,7 @@ from .._mask_loss import losses_from_stats, mask_loss
 from .._matching_cost import matching_cost
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
 from .._point_mask_loss import point_mask_loss
+from .._point_matching_cost import point_matching_cost
 
 PRIORITY = 10
 BYTE_MASKS = (torch.bool, torch.uint8)  # the kernels read both as bytes
@@ -197,3 +198,25 @@ def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:
 
 point_mask_loss.register("native", point_mask_loss_native, available=native_error,
                          supports=_supports_point_mask_loss, auto_devices=("cpu",), priority=PRIORITY)
+
+
+# ---- point_matching_cost ----
+
+@torch.no_grad()
+def point_matching_cost_native(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
+                               tgt_labels: Sequence[torch.Tensor], tgt_masks: Sequence[torch.Tensor],
+                               coords: torch.Tensor, cost_class: float = 2.0, cost_mask: float = 5.0,
+                               cost_dice: float = 5.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The whole batch in one call of ``fastmaskformer::point_matching_cost`` (CPU threads over images
+    and query blocks, or one CUDA launch): both masks are sampled at the points inside the kernel,
+    the targets in place, so no [Q, P] or [N, P] sampled tensor exists."""
+    sizes = torch.tensor([int(m.shape[0]) for m in tgt_masks], dtype=torch.int64)
+    labels = [lab.to(device=pred_logits.device, dtype=torch.int64) for lab in tgt_labels]
+    labels = torch.cat(labels) if labels else pred_logits.new_empty(0, dtype=torch.int64)
+    cost = torch.ops.fastmaskformer.point_matching_cost(pred_logits, pred_masks, labels, _one_mask_dtype(tgt_masks),
+                                                        coords, float(cost_class), float(cost_mask), float(cost_dice))
+    return cost, sizes
+
+
+point_matching_cost.register("native", point_matching_cost_native, available=native_error,
+                             supports=_supports_matching_cost, auto_devices=("cpu", "cuda"), priority=PRIORITY)
