@@ -1,11 +1,13 @@
 // Native point-sampled mask loss on the CPU, forward and backward, one mask per task.
 //
 // A mask's points are taken in chunks of kChunk: each point's 2 x 2 taps on the logits and on the
-// targets follow grid_sample's rule (fmf/ms_deform_attn.h: the reference's fp32 arithmetic on
-// 2 coords - 1), the logits are read in their dtype and the targets in theirs (bool as bytes), each
-// at its own resolution and through its strides (no copy of the full-resolution targets); then an
-// 8-lane vector loop adds the chunk's BCE, s t, s and t (forward) or computes each point's
-// d loss / d x (backward), which is scattered into the point's 4 logit taps.
+// targets follow grid_sample's rule (the reference's fp32 arithmetic on 2 coords - 1, as
+// fmf/ms_deform_attn.h's corners_at, here 8 points at a time with off-map corners folded into zero
+// weights), the logits are read in their dtype and the targets in theirs (bool as bytes), each at
+// its own resolution and through its strides (no copy of the full-resolution targets, whose rows
+// are prefetched a chunk ahead of their reads); then an 8-lane vector loop adds the chunk's BCE,
+// s t, s and t (forward) or computes each point's d loss / d x (backward), which is scattered into
+// the point's 4 logit taps.
 // Never stored: any [N, P] tensor; a thread holds one chunk of points (x, t, gradient, taps).
 //
 // Parallel over masks. A task owns its mask's statistics row and its [h, w] gradient slice, so no two
@@ -18,10 +20,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 
 #include "fmf/checks.h"
 #include "fmf/dtypes.h"
-#include "fmf/ms_deform_attn.h"
 
 namespace fmf {
 namespace {
@@ -38,42 +40,95 @@ struct Geometry {
   int64_t sp_n, sp_h, sp_w, st_n, st_h, st_w;
 };
 
-// One chunk of a mask's points: sampled logits x and targets t (zero past the chunk's end, so the
-// vector loops read whole vectors), the logits' taps (reused by the backward's scatter), the gradient.
-struct Chunk {
-  float x[kChunk], t[kChunk], g[kChunk];
-  Corners taps[kChunk];
+// The 2 x 2 taps of a chunk's points on one map, as grid_sample reads them: clamped rows (ya, yb)
+// and columns (xa, xb) of the corners, and their weights w[k] (corner k = 2 dy + dx), zero for a
+// corner off the map, so reads and adds need no branch (a zero-weight tap reads or adds 0 at a
+// clamped, valid address).
+struct Taps {
+  int32_t xa[kChunk], xb[kChunk], ya[kChunk], yb[kChunk];
+  float w[4][kChunk];
 };
 
-// The bilinear value at corners c of a map whose corner (x, y) reads as read(x, y); invalid corners
-// read as zero, as grid_sample's zero padding.
-template <class Read>
-inline float blend(const Corners& c, Read read) {
-  float v = 0.f;
-  for (int k = 0; k < 4; ++k) {
-    if (c.valid[k]) v += c.weight(k) * read(c.x0 + (k & 1), c.y0 + (k >> 1));
-  }
-  return v;
+// One chunk of a mask's points: sampled logits x and targets t (zero past the chunk's end, so the
+// vector loops read whole vectors), their taps (the logits' reused by the backward's scatter), the
+// gradient.
+struct Chunk {
+  float x[kChunk], t[kChunk], g[kChunk];
+  Taps low, high;
+};
+
+// floor(v) for |v| < 2^31 (vector truncation, then one down where it rounded up).
+inline f32x8 floor8(const f32x8& v) {
+  const f32x8 f = __builtin_convertvector(__builtin_convertvector(v, simd::i32x8), f32x8);
+  return f > v ? f - 1.f : f;
 }
 
-// Samples points [p0, p0 + m) of mask n into chunk.
+inline simd::i32x8 clamp8(const simd::i32x8& i, int32_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
+
+// Taps of points [0, m) of xy ((x, y) pairs) on an H x W map: fmf/ms_deform_attn.h's corners_at
+// (the reference's fp32 arithmetic on 2 coords - 1, the same cut-off far outside) 8 points at a time.
+// No FMA contraction here: a fused (g + 1) * W/2 - 1/2 can round a point on a pixel centre to the
+// other side of it.
+FMF_CPU_CLONES __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
+  const float Wf = static_cast<float>(W), Hf = static_cast<float>(H), half_w = Wf * 0.5f, half_h = Hf * 0.5f;
+  for (int64_t i = 0; i < m; i += kLanes) {
+    f32x8 lx, ly;
+    for (int j = 0; j < kLanes; ++j) {
+      const bool in = i + j < m;
+      lx[j] = in ? xy[2 * (i + j)] : -1.f;
+      ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
+    }
+    f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
+    const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
+    x = inside ? x : -2.f, y = inside ? y : -2.f;
+    const f32x8 x0 = floor8(x), y0 = floor8(y), fx = x - x0, fy = y - y0;
+    const simd::i32x8 cx = __builtin_convertvector(x0, simd::i32x8), cy = __builtin_convertvector(y0, simd::i32x8);
+    const int32_t w1 = static_cast<int32_t>(W) - 1, h1 = static_cast<int32_t>(H) - 1;
+    const auto vx0 = (cx >= 0) & (cx <= w1), vx1 = (cx >= -1) & (cx < w1);
+    const auto vy0 = (cy >= 0) & (cy <= h1), vy1 = (cy >= -1) & (cy < h1);
+    const f32x8 zero{};
+    simd::store(taps.w[0] + i, (vx0 & vy0) ? (1.f - fx) * (1.f - fy) : zero);
+    simd::store(taps.w[1] + i, (vx1 & vy0) ? fx * (1.f - fy) : zero);
+    simd::store(taps.w[2] + i, (vx0 & vy1) ? (1.f - fx) * fy : zero);
+    simd::store(taps.w[3] + i, (vx1 & vy1) ? fx * fy : zero);
+    const simd::i32x8 xa = clamp8(cx, w1), xb = clamp8(cx + 1, w1), ya = clamp8(cy, h1), yb = clamp8(cy + 1, h1);
+    std::memcpy(taps.xa + i, &xa, sizeof xa), std::memcpy(taps.xb + i, &xb, sizeof xb);
+    std::memcpy(taps.ya + i, &ya, sizeof ya), std::memcpy(taps.yb + i, &yb, sizeof yb);
+  }
+}
+
+// The bilinear values of points [0, m) at their taps on a map whose element (y, x) reads as
+// read(y, x); zero past m.
+template <class Read>
+inline void gather(const Taps& taps, int64_t m, Read read, float* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t xa = taps.xa[i], xb = taps.xb[i], ya = taps.ya[i], yb = taps.yb[i];
+    out[i] = taps.w[0][i] * read(ya, xa) + taps.w[1][i] * read(ya, xb) + taps.w[2][i] * read(yb, xa) +
+             taps.w[3][i] * read(yb, xb);
+  }
+  std::fill(out + m, out + kChunk, 0.f);
+}
+
+// Samples points [p0, p0 + m) of mask n into chunk. The targets' rows are prefetched before the
+// logits are read: at full resolution they are the reads that miss the cache.
 template <typename scalar_t, MaskKind kKind>
 void load_chunk(const Geometry& g, const scalar_t* pred, const void* targets, const float* coords, int64_t n,
                 int64_t p0, int64_t m, Chunk& chunk) {
-  const scalar_t* logits = pred + n * g.sp_n;
+  const float* xy = coords + (n * g.P + p0) * 2;
+  point_taps(xy, m, g.h, g.w, chunk.low);
+  point_taps(xy, m, g.H, g.W, chunk.high);
   const int64_t tgt0 = n * g.st_n;
+  const char* bytes = static_cast<const char*>(targets);
+  const int64_t size = kKind == MaskKind::kByte ? 1 : kKind == MaskKind::kFloat ? 4 : 2;
   for (int64_t i = 0; i < m; ++i) {
-    const float* xy = coords + (n * g.P + p0 + i) * 2;
-    chunk.taps[i] = corners_at(xy[0], xy[1], g.h, g.w);
-    chunk.x[i] = blend(chunk.taps[i], [&](int64_t x, int64_t y) {
-      return static_cast<float>(logits[y * g.sp_h + x * g.sp_w]);
-    });
-    chunk.t[i] = blend(corners_at(xy[0], xy[1], g.H, g.W), [&](int64_t x, int64_t y) {
-      return mask_value(targets, tgt0 + y * g.st_h + x * g.st_w, kKind);
-    });
+    __builtin_prefetch(bytes + (tgt0 + chunk.high.ya[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
+    __builtin_prefetch(bytes + (tgt0 + chunk.high.yb[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
   }
-  std::fill(chunk.x + m, chunk.x + kChunk, 0.f);
-  std::fill(chunk.t + m, chunk.t + kChunk, 0.f);
+  const scalar_t* logits = pred + n * g.sp_n;
+  gather(chunk.low, m, [&](int64_t y, int64_t x) { return static_cast<float>(logits[y * g.sp_h + x * g.sp_w]); },
+         chunk.x);
+  gather(chunk.high, m, [&](int64_t y, int64_t x) { return mask_value(targets, tgt0 + y * g.st_h + x * g.st_w, kKind); },
+         chunk.t);
 }
 
 // Adds the sums over the first m points of (BCE(x, t), s t, s, t) to acc: the focal loss with
@@ -195,11 +250,14 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::
             const int64_t m = std::min(kChunk, g.P - p0);
             load_chunk<scalar_t, decltype(k)::value>(g, logits, targets, points, n, p0, m, chunk);
             chunk_grad(chunk.x, chunk.t, m, gn[0], gn[1], gn[2], chunk.g);
-            for (int64_t i = 0; i < m; ++i) {
-              const Corners& c = chunk.taps[i];
-              for (int j = 0; j < 4; ++j) {
-                if (c.valid[j]) dst[c.row(j, g.w)] += c.weight(j) * chunk.g[i];
-              }
+            const Taps& taps = chunk.low;
+            for (int64_t i = 0; i < m; ++i) {  // a zero-weight tap adds 0 at its clamped address
+              float* top = dst + taps.ya[i] * g.w;
+              float* bottom = dst + taps.yb[i] * g.w;
+              top[taps.xa[i]] += taps.w[0][i] * chunk.g[i];
+              top[taps.xb[i]] += taps.w[1][i] * chunk.g[i];
+              bottom[taps.xa[i]] += taps.w[2][i] * chunk.g[i];
+              bottom[taps.xb[i]] += taps.w[3][i] * chunk.g[i];
             }
           }
         }
