@@ -1,7 +1,7 @@
 // Batched point-sampled matching cost on the CPU (Mask2Former's matcher).
 //
-// One task is (image b, a block of queries). It walks the image's P points in blocks of kPoints.
-// For each block it computes every point's bilinear taps at the prediction size and at the target
+// One task is (image b, a block of queries). It walks the image's P points, sorted by row, in blocks
+// of kPoints. For each block it computes every point's bilinear taps at the prediction size and at the target
 // size (fmf/point_sampling.h), samples the targets in place into tile = [t; 1 - t] as
 // [2][kPoints][NP] (column n of t holds ones, so the products below also give the row sums of
 // sigmoid), samples each query's logits x and turns them into terms = [pos; neg; sig] =
@@ -9,7 +9,7 @@
 //     bce += pos @ t + neg @ (1 - t)      (sums of terms >= 0: no cancellation at saturated logits)
 //     sgt += sig @ t
 // Nothing of size Q x P or n x P is stored: a task's scratch is 3R x kPoints + 2 kPoints x NP + 2R x NP
-// floats and the taps of kPoints points.
+// floats, the taps of kPoints points and the order of the P points.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -100,6 +100,23 @@ struct Task {
   int64_t b, q0, nq;
 };
 
+// The points in the order of the prediction rows they fall in (a stable counting sort; rows above
+// and below the map in buckets of their own). A block of kPoints consecutive points then reads a
+// band of a few rows of each query's map and of each target, which stays in cache, where points in
+// their random order would pull every query's whole map through the cache once per block. The sums
+// over points are the same up to rounding in another order.
+std::vector<int64_t> row_order(const float* coords, int64_t P, int64_t h) {
+  std::vector<int64_t> start(h + 3, 0), bucket(P), order(P);
+  for (int64_t p = 0; p < P; ++p) {
+    const float y = coords[2 * p + 1] * static_cast<float>(h);  // NaN goes to bucket 0
+    bucket[p] = y >= 0.f ? (y < static_cast<float>(h) ? static_cast<int64_t>(y) + 1 : h + 1) : 0;
+    ++start[bucket[p] + 1];
+  }
+  for (int64_t r = 0; r < h + 2; ++r) start[r + 1] += start[r];
+  for (int64_t p = 0; p < P; ++p) order[start[bucket[p]]++] = p;
+  return order;
+}
+
 template <typename scalar_t>
 void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weights& wt, SampleFn sample) {
   const MatchingCostInputs& base = in.base;
@@ -121,11 +138,12 @@ void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weight
   float* sgt = bce + R * NP;
 
   const float* coords = in.coords.data_ptr<float>() + task.b * P * 2;
+  const std::vector<int64_t> order = row_order(coords, P, h);
   const scalar_t* x = base.masks.data_ptr<scalar_t>() + (task.b * Q + task.q0) * h * w;
   for (int64_t p0 = 0; p0 < P; p0 += kPoints) {
     const int64_t points = std::min(kPoints, P - p0);
     for (int64_t p = 0; p < points; ++p) {
-      const float cx = coords[(p0 + p) * 2], cy = coords[(p0 + p) * 2 + 1];
+      const float cx = coords[order[p0 + p] * 2], cy = coords[order[p0 + p] * 2 + 1];
       pred_taps[p] = point_taps(cx, cy, h, w);
       tgt_taps[p] = point_taps(cx, cy, img.H, img.W);
     }
