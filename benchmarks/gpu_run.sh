@@ -67,7 +67,8 @@ section "build _C (sm_${TORCH_CUDA_ARCH_LIST/./})" 240 "$OUT/build.log" python3 
 CUDA_TESTS="tests/test_ext.py tests/test_mask_loss.py tests/test_mask_logits.py tests/test_semantic_inference.py
   tests/test_matching_cost.py tests/test_native_ops.py tests/test_linear_sum_assignment.py tests/test_metrics.py
   tests/test_ms_deform_attn_backends.py tests/test_fused_equivalence.py tests/test_autocast.py tests/test_sync.py
-  tests/test_compile.py tests/test_autotune_configs.py tests/test_point_mask_loss.py"
+  tests/test_compile.py tests/test_autotune_configs.py tests/test_point_mask_loss.py
+  tests/test_point_matching_cost.py"
 section "CUDA tests" 200 "$OUT/tests.log" python3 -m pytest -q -rs --deselect \
   tests/test_compile.py::test_models_compile_without_graph_breaks_in_a_fresh_process $CUDA_TESTS
 # The same parity with TF32 matmuls, as most training runs set them (tolerances.py loosens fp32).
@@ -82,6 +83,7 @@ section "benchmarks" "$REMAIN" "$OUT/bench.log" python3 -m pytest -q benchmarks/
   benchmarks/test_bench_matching_cost.py benchmarks/test_bench_linear_sum_assignment.py \
   benchmarks/test_bench_ms_deform_attn.py benchmarks/test_bench_train_step.py \
   benchmarks/test_bench_point_mask_loss.py \
+  benchmarks/test_bench_point_matching_cost.py \
   --benchmark-only --benchmark-json="$OUT/gpu.json"
 
 {
