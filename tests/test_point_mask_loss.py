@@ -11,12 +11,12 @@ TRITON_INTERPRET=1), so shapes stay small.
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES
 from fastmaskformer import ops
 from tolerances import assert_close
 from backend_checks import assert_rejected_before_backend
+from test_mask_loss import _Allocations
 
 ops.load_backends()
 OP = ops.point_mask_loss
@@ -286,21 +286,6 @@ def test_native_compiles_fullgraph_with_autograd():
 @pytest.mark.skipif("native" not in BACKENDS, reason="fastmaskformer._C is not built")
 def test_auto_picks_native_on_cpu():
     assert OP.choose("auto", _inputs(1, 2, 2, 4, 4, 3, "cpu") + (1.0,), {}).name == "native"
-
-
-class _Allocations(TorchDispatchMode):
-    """The largest tensor (in bytes) any torch op returns while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel() * o.element_size())
-        return out
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -10,9 +10,9 @@
 // the point's 4 logit taps.
 // Never stored: any [N, P] tensor; a thread holds one chunk of points (x, t, gradient, taps).
 //
-// Parallel over masks. A task owns its mask's statistics row and its [h, w] gradient slice, so no two
-// threads write one value, and every sum is taken in point order: deterministic whatever the number
-// of threads.
+// Parallel over masks. A task owns its mask's statistics row (fp64 sums of the chunks' fp32 vector
+// sums) and its [h, w] gradient slice, so no two threads write one value, and every sum is taken in
+// point order: deterministic whatever the number of threads.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -191,34 +191,41 @@ Geometry check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_mas
           target_masks.stride(2)};
 }
 
-at::Tensor point_mask_loss_forward_cpu(const at::Tensor& pred_masks, const at::Tensor& target_masks,
-                                       const at::Tensor& coords) {
-  const Geometry g = check_inputs(pred_masks, target_masks, coords);
-  at::Tensor stats = at::zeros({g.N, kStats}, pred_masks.options().dtype(at::kFloat));
-  if (g.N == 0 || g.P == 0) return stats;
-  const at::Tensor xy = coords.to(at::kFloat).contiguous();  // as the reference's coords.float()
-  const float* points = xy.const_data_ptr<float>();
-  float* out = stats.data_ptr<float>();
-  const MaskKind kind = mask_kind(target_masks.scalar_type(), "target_masks");
-  FMF_DISPATCH_FLOAT(pred_masks.scalar_type(), "point_mask_loss_forward_cpu", [&] {
-    const scalar_t* logits = pred_masks.const_data_ptr<scalar_t>();
-    const void* targets = target_masks.const_data_ptr();
+// Calls on_chunk(n, m, chunk) for the chunks of every mask n in point order, after sampling their
+// m points into chunk, with the logits' dtype and the targets' kind resolved at compile time;
+// parallel over masks.
+template <class OnChunk>
+void for_each_chunk(const Geometry& g, const at::Tensor& pred, const at::Tensor& target,
+                    const float* points, OnChunk on_chunk) {
+  const MaskKind kind = mask_kind(target.scalar_type(), "target_masks");
+  FMF_DISPATCH_FLOAT(pred.scalar_type(), "point_mask_loss_cpu", [&] {
+    const scalar_t* logits = pred.const_data_ptr<scalar_t>();
+    const void* targets = target.const_data_ptr();
     visit_mask_kind(kind, [&](auto k) {
       at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
         Chunk chunk;
         for (int64_t n = begin; n < end; ++n) {
-          double acc[kStats] = {0.0, 0.0, 0.0, 0.0};
           for (int64_t p0 = 0; p0 < g.P; p0 += kChunk) {
             const int64_t m = std::min(kChunk, g.P - p0);
             load_chunk<scalar_t, decltype(k)::value>(g, logits, targets, points, n, p0, m, chunk);
-            chunk_stats(chunk.x, chunk.t, m, acc);
+            on_chunk(n, m, chunk);
           }
-          for (int s = 0; s < kStats; ++s) out[n * kStats + s] = static_cast<float>(acc[s]);
         }
       });
     });
   });
-  return stats;
+}
+
+at::Tensor point_mask_loss_forward_cpu(const at::Tensor& pred_masks, const at::Tensor& target_masks,
+                                       const at::Tensor& coords) {
+  const Geometry g = check_inputs(pred_masks, target_masks, coords);
+  if (g.N == 0 || g.P == 0) return at::zeros({g.N, kStats}, pred_masks.options().dtype(at::kFloat));
+  const at::Tensor xy = coords.to(at::kFloat).contiguous();  // as the reference's coords.float()
+  at::Tensor sums = at::zeros({g.N, kStats}, pred_masks.options().dtype(at::kDouble));
+  double* acc = sums.data_ptr<double>();
+  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(),
+                 [&](int64_t n, int64_t m, const Chunk& chunk) { chunk_stats(chunk.x, chunk.t, m, acc + n * kStats); });
+  return sums.to(at::kFloat);
 }
 
 at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor& pred_masks,
@@ -233,37 +240,23 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::
   if (g.N == 0 || g.P == 0) return grad.to(pred_masks.scalar_type());
   const at::Tensor xy = coords.to(at::kFloat).contiguous();
   const at::Tensor gs = grad_stats.to(at::kFloat).contiguous();
-  const float* points = xy.const_data_ptr<float>();
   const float* g_stats = gs.const_data_ptr<float>();
   float* out = grad.data_ptr<float>();
-  const MaskKind kind = mask_kind(target_masks.scalar_type(), "target_masks");
-  FMF_DISPATCH_FLOAT(pred_masks.scalar_type(), "point_mask_loss_backward_cpu", [&] {
-    const scalar_t* logits = pred_masks.const_data_ptr<scalar_t>();
-    const void* targets = target_masks.const_data_ptr();
-    visit_mask_kind(kind, [&](auto k) {
-      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
-        Chunk chunk;
-        for (int64_t n = begin; n < end; ++n) {
-          const float* gn = g_stats + n * kStats;  // the sum of t does not depend on x: gn[3] is unused
-          float* dst = out + n * g.h * g.w;
-          for (int64_t p0 = 0; p0 < g.P; p0 += kChunk) {
-            const int64_t m = std::min(kChunk, g.P - p0);
-            load_chunk<scalar_t, decltype(k)::value>(g, logits, targets, points, n, p0, m, chunk);
-            chunk_grad(chunk.x, chunk.t, m, gn[0], gn[1], gn[2], chunk.g);
-            const Taps& taps = chunk.low;
-            for (int64_t i = 0; i < m; ++i) {  // a zero-weight tap adds 0 at its clamped address
-              float* top = dst + taps.ya[i] * g.w;
-              float* bottom = dst + taps.yb[i] * g.w;
-              top[taps.xa[i]] += taps.w[0][i] * chunk.g[i];
-              top[taps.xb[i]] += taps.w[1][i] * chunk.g[i];
-              bottom[taps.xa[i]] += taps.w[2][i] * chunk.g[i];
-              bottom[taps.xb[i]] += taps.w[3][i] * chunk.g[i];
-            }
-          }
-        }
-      });
-    });
-  });
+  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(),
+                 [&](int64_t n, int64_t m, Chunk& chunk) {
+                   const float* gn = g_stats + n * kStats;  // the sum of t does not depend on x: gn[3] is unused
+                   chunk_grad(chunk.x, chunk.t, m, gn[0], gn[1], gn[2], chunk.g);
+                   const Taps& taps = chunk.low;
+                   float* dst = out + n * g.h * g.w;
+                   for (int64_t i = 0; i < m; ++i) {  // a zero-weight tap adds 0 at its clamped address
+                     float* top = dst + taps.ya[i] * g.w;
+                     float* bottom = dst + taps.yb[i] * g.w;
+                     top[taps.xa[i]] += taps.w[0][i] * chunk.g[i];
+                     top[taps.xb[i]] += taps.w[1][i] * chunk.g[i];
+                     bottom[taps.xa[i]] += taps.w[2][i] * chunk.g[i];
+                     bottom[taps.xb[i]] += taps.w[3][i] * chunk.g[i];
+                   }
+                 });
   return grad.to(pred_masks.scalar_type());
 }
 
