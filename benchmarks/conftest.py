@@ -28,6 +28,23 @@ def op_variant(op, variant: str):
     return functools.partial(op, backend=variant)
 
 
+def criterion_step(criterion, logits: torch.Tensor, masks: torch.Tensor, targets):
+    """One call of the criterion on every decoder layer, forward and backward: ``logits`` [L, B, Q,
+    K+1] and ``masks`` [L, B, Q, h, w] (leaves with grad) become the per-layer outputs as the model
+    makes them, unbound views of one tensor, the last layer's on top and the others as aux_outputs."""
+
+    def step():
+        lg, mk = logits.unbind(0), masks.unbind(0)
+        outputs = {"pred_logits": lg[-1], "pred_masks": mk[-1],
+                   "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(lg[:-1], mk[:-1])]}
+        loss = sum(criterion(outputs, targets).values())
+        loss.backward()
+        logits.grad = masks.grad = None
+        return loss.detach()
+
+    return step
+
+
 def run_and_time(benchmark, variant: str, fn, rounds: int = 5) -> None:
     """Warm ``fn`` up (compiling, autotuning), record its peak extra memory in extra_info["peak_mb"],
     then time it; on CUDA every call waits for the GPU so the time is the kernels', not the launch's."""

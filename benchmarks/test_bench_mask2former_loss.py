@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from conftest import DEVICE, run_and_time
+from conftest import DEVICE, criterion_step, run_and_time
 from fastmaskformer.criterion import SetCriterion
 from fastmaskformer.matcher import HungarianMatcher
 from fastmaskformer.modeling.meta_arch import loss_weights
@@ -46,15 +46,4 @@ def test_mask2former_criterion(benchmark, B, variant):
     masks = torch.randn(L, B, Q, CROP // 4, CROP // 4, generator=g).to(DEVICE).requires_grad_()
     targets = [{"labels": torch.randint(0, K, (TARGETS,), generator=g).to(DEVICE),
                 "masks": (torch.rand(TARGETS, CROP, CROP, generator=g) > 0.5).to(DEVICE)} for _ in range(B)]
-    crit = make_criterion(variant)
-
-    def step():
-        lg, mk = logits.unbind(0), masks.unbind(0)
-        outputs = {"pred_logits": lg[-1], "pred_masks": mk[-1],
-                   "aux_outputs": [{"pred_logits": lg[i], "pred_masks": mk[i]} for i in range(L - 1)]}
-        loss = sum(crit(outputs, targets).values())
-        loss.backward()
-        logits.grad = masks.grad = None
-        return loss.detach()
-
-    run_and_time(benchmark, variant, step, rounds=3)
+    run_and_time(benchmark, variant, criterion_step(make_criterion(variant), logits, masks, targets), rounds=3)

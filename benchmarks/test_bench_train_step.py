@@ -22,7 +22,7 @@ from fastmaskformer.criterion import SetCriterion
 from fastmaskformer.matcher import HungarianMatcher
 from fastmaskformer.modeling.maskformer import loss_weights
 
-from conftest import DEVICE, run_and_time
+from conftest import DEVICE, criterion_step, run_and_time
 
 BATCHES = [int(b) for b in os.environ.get("FMF_BENCH_BATCH", "2,8").split(",")]
 TARGETS = int(os.environ.get("FMF_BENCH_TARGETS", "10"))
@@ -60,19 +60,7 @@ def test_criterion_all_layers(benchmark, B, variant):
     logits = torch.randn(L, B, Q, K + 1, generator=g).to(DEVICE).requires_grad_()
     masks = torch.randn(L, B, Q, CROP // 4, CROP // 4, generator=g).to(DEVICE).requires_grad_()
     targets = make_targets(B)
-    crit = make_criterion(variant)
-
-    def step():
-        # Per-layer outputs as the model makes them: unbound views of one [L, ...] tensor.
-        lg, mk = logits.unbind(0), masks.unbind(0)
-        outputs = {"pred_logits": lg[-1], "pred_masks": mk[-1],
-                   "aux_outputs": [{"pred_logits": lg[i], "pred_masks": mk[i]} for i in range(L - 1)]}
-        loss = sum(crit(outputs, targets).values())
-        loss.backward()
-        logits.grad = masks.grad = None
-        return loss.detach()
-
-    run_and_time(benchmark, variant, step, rounds=ROUNDS)
+    run_and_time(benchmark, variant, criterion_step(make_criterion(variant), logits, masks, targets), rounds=ROUNDS)
 
 
 @pytest.mark.parametrize("variant", STEP_VARIANTS)

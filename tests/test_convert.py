@@ -176,19 +176,24 @@ _TO_OFFICIAL_FUSED = [
 _NOT_OFFICIAL = (r".*num_batches_tracked", _PLM + r"encoder\.model\.layernorm\..*")
 
 
-def _official_from_hf(hf_state):
+def official_from_hf(hf_state, to_official=None, to_official_fused=None, not_official=None):
+    """A transformers state dict under the official detectron2 names (NumPy arrays, as a zoo .pkl
+    holds them), by the test's own rename rules (MaskFormer's by default): separate q/k/v joined."""
+    to_official = _TO_OFFICIAL if to_official is None else to_official
+    to_official_fused = _TO_OFFICIAL_FUSED if to_official_fused is None else to_official_fused
+    not_official = _NOT_OFFICIAL if not_official is None else not_official
     out, parts = {}, {}
     for key, value in hf_state.items():
-        if any(re.fullmatch(p, key) for p in _NOT_OFFICIAL):
+        if any(re.fullmatch(p, key) for p in not_official):
             continue
-        for pattern, name in _TO_OFFICIAL_FUSED:
+        for pattern, name in to_official_fused:
             m = re.fullmatch(pattern, key)
             if m:
                 target, part = name(m.groups())
                 parts.setdefault(target, {})[part] = value
                 break
         else:
-            for pattern, name in _TO_OFFICIAL:
+            for pattern, name in to_official:
                 m = re.fullmatch(pattern, key)
                 if m:
                     out[name(m.groups())] = value
@@ -202,7 +207,7 @@ def _official_from_hf(hf_state):
 def _d2_pkl(hf, folder):
     path = folder / f"model_final_{hf['kind']}.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": _official_from_hf(hf["model"].state_dict()), "__author__": "test"}, f)
+        pickle.dump({"model": official_from_hf(hf["model"].state_dict()), "__author__": "test"}, f)
     return path
 
 

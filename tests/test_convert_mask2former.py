@@ -24,6 +24,8 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from fastmaskformer import Mask2Former, MaskFormer
 from fastmaskformer.convert import UnmappedKeysError, from_pretrained
 
+from test_convert import official_from_hf
+
 PARITY_ATOL = 1e-4
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -210,26 +212,7 @@ _NOT_OFFICIAL = (r".*num_batches_tracked", _BB + r"(?:swin\.)?layernorm\..*")
 
 
 def _official_from_hf(hf_state):
-    out, parts = {}, {}
-    for key, value in hf_state.items():
-        if any(re.fullmatch(p, key) for p in _NOT_OFFICIAL):
-            continue
-        for pattern, name in _TO_OFFICIAL_FUSED:
-            m = re.fullmatch(pattern, key)
-            if m:
-                target, part = name(m.groups())
-                parts.setdefault(target, {})[part] = value
-                break
-        else:
-            for pattern, name in _TO_OFFICIAL:
-                m = re.fullmatch(pattern, key)
-                if m:
-                    out[name(m.groups())] = value
-                    break
-            else:
-                raise AssertionError(f"the test's official-name map misses {key}")
-    out.update({k: torch.cat([v["q"], v["k"], v["v"]]) for k, v in parts.items()})
-    return {k: v.numpy() for k, v in out.items()}
+    return official_from_hf(hf_state, _TO_OFFICIAL, _TO_OFFICIAL_FUSED, _NOT_OFFICIAL)
 
 
 @pytest.mark.parametrize("kind", ["resnet", "swin"])

@@ -41,6 +41,19 @@ def check_finite_scalar(name: str, v) -> None:
         raise ValueError(f"{name}: expected a finite number, got {f}")
 
 
+def check_num_masks(num_masks) -> None:
+    """A positive finite number, or a 0-d float tensor (e.g. averaged over ranks on the device),
+    whose value is not read here: that would be a host sync."""
+    if isinstance(num_masks, torch.Tensor):
+        if num_masks.dim() != 0 or not num_masks.is_floating_point():
+            raise ValueError(f"num_masks: expected a number or a 0-d float tensor, got {num_masks.dtype} "
+                             f"shape {tuple(num_masks.shape)}")
+        return
+    check_finite_scalar("num_masks", num_masks)
+    if float(num_masks) <= 0:
+        raise ValueError(f"num_masks: expected > 0, got {float(num_masks)}")
+
+
 def check_targets(pred_logits: torch.Tensor, tgt_labels: Sequence, tgt_masks: Sequence) -> None:
     """Ragged per-image targets: labels int64 [N_i], masks [N_i, H, W], on the predictions' device.
 

@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_finite_scalar, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_finite_scalar, check_num_masks, check_same_device, check_tensor
 from ._dispatch import Op
 
 
@@ -68,14 +68,7 @@ def _check(pred_masks, target_masks, num_masks, alpha=0.25, gamma=2.0, **_):
         raise ValueError(f"pred_masks/target_masks: empty spatial size {(h, w)} -> {(H, W)}")
     if H < h or W < w:
         raise ValueError(f"target_masks: expected a size at least the prediction's {(h, w)}, got {(H, W)}")
-    if isinstance(num_masks, torch.Tensor):  # e.g. averaged over ranks on the device: not read here (a sync)
-        if num_masks.dim() != 0 or not num_masks.is_floating_point():
-            raise ValueError(f"num_masks: expected a number or a 0-d float tensor, got {num_masks.dtype} "
-                             f"shape {tuple(num_masks.shape)}")
-    else:
-        check_finite_scalar("num_masks", num_masks)
-        if float(num_masks) <= 0:
-            raise ValueError(f"num_masks: expected > 0, got {float(num_masks)}")
+    check_num_masks(num_masks)
     check_finite_scalar("alpha", alpha)
     check_finite_scalar("gamma", gamma)
     if float(gamma) < 0:

@@ -20,7 +20,7 @@ from typing import Tuple
 import torch
 
 from ..point_sampling import point_mask_loss as _point_losses, point_sample
-from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_finite_scalar, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_num_masks, check_same_device, check_tensor
 from ._dispatch import Op
 
 
@@ -50,14 +50,7 @@ def _check(pred_masks, target_masks, coords, num_masks, **_):
     if N and (0 in pred_masks.shape[-2:] or 0 in target_masks.shape[-2:]):
         raise ValueError(f"pred_masks/target_masks: empty spatial size {tuple(pred_masks.shape[-2:])}, "
                          f"{tuple(target_masks.shape[-2:])}")
-    if isinstance(num_masks, torch.Tensor):
-        if num_masks.dim() != 0 or not num_masks.is_floating_point():
-            raise ValueError(f"num_masks: expected a number or a 0-d float tensor, got {num_masks.dtype} "
-                             f"shape {tuple(num_masks.shape)}")
-    else:
-        check_finite_scalar("num_masks", num_masks)
-        if float(num_masks) <= 0:
-            raise ValueError(f"num_masks: expected > 0, got {float(num_masks)}")
+    check_num_masks(num_masks)
 
 
 point_mask_loss = Op("point_mask_loss", point_mask_loss_reference, check=_check)
