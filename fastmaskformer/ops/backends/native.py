@@ -147,20 +147,19 @@ def split_pairs(pairs: torch.Tensor, counts: List[int]) -> Assignment:
     return list(zip(pairs[0, :total].split_with_sizes(counts), pairs[1, :total].split_with_sizes(counts)))
 
 
-# "auto" rules, from measurements on this project's shared 2-core CPU (AMD EPYC, torch 2.14, other
-# jobs running; median per call, speed-up over the scipy loop = the reference, in the same run):
-#   B x Q x N        reference   native          lapjv (never picked by "auto")
-#   1 x 1 x 1           31 us    21 us (1.5x)      95 us (0.3x)
-#   1 x 100 x 10        35 us    23 us (1.6x)     152 us (0.2x)
-#   16 x 100 x 10      319 us    48 us (6.7x)     1.66 ms (0.19x)
-#   16 x 100 x 50      973 us   138 us (7.0x)     2.62 ms (0.37x)
-#   16 x 100 x 100    9.07 ms   1.58 ms (5.7x)    3.03 ms (3.0x)
-#   96 x 100 x 50     14.7 ms   2.1 ms (7.0x)     31.6 ms (0.5x)
+# "auto" rules, from measurements on this project's shared 2-core CPU (Intel Xeon, torch 2.14, median
+# per call). The baseline is what the official matcher runs, scipy's solver on each image's float32
+# array in a plain loop; "reference" is our op's reference (that loop behind the op's checks and
+# float64 conversions):
+#   B x Q x N        scipy loop   reference         native           lapjv (never picked by "auto")
+#   16 x 100 x 10      94.6 us    353 us (0.27x)    48.7 us (1.9x)   2.21 ms (0.04x)
+#   16 x 100 x 50       668 us    1.11 ms (0.60x)    222 us (3.0x)   2.52 ms (0.26x)
+#   16 x 100 x 100     4.07 ms    4.75 ms (0.86x)   1.07 ms (3.8x)   3.41 ms (1.19x)
 # (benchmarks/results/linear_sum_assignment_cpu.md). native is the fastest at every size, so it
-# takes every CPU call it supports. lapjv pays for padding to a square and beats the reference only
-# on near-square problems, where native beats it too. For a CUDA cost "auto" picks the device
-# solver (no host copy); its speed against copying to the host and solving there has not been
-# measured yet (no GPU was lent): benchmarks/test_bench_linear_sum_assignment.py times both.
+# takes every CPU call it supports. lapjv pays for padding to a square and beats the loop only on
+# near-square problems, where native beats it too. For a CUDA cost "auto" picks the device solver
+# (no host copy); its speed against copying to the host and solving there has not been measured
+# yet (no GPU was lent): benchmarks/test_bench_linear_sum_assignment.py times both.
 linear_sum_assignment.register("native", linear_sum_assignment_native, available=native_error,
                                supports=_supports_linear_sum_assignment, priority=30)
 
