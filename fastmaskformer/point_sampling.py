@@ -50,8 +50,9 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
     ``get_uncertain_point_coords_with_randomness`` with uncertainty ``-|logit|``).
 
     logits [N, 1, h, w] -> [N, num_points, 2]: ``int(num_points * oversample_ratio)`` uniform candidates
-    per mask, of which the ``int(importance_sample_ratio * num_points)`` most uncertain are kept (most
-    uncertain first), followed by fresh uniform points up to ``num_points``. Draws candidates, then the
+    per mask, of which the ``int(importance_sample_ratio * num_points)`` most uncertain are kept (in no
+    particular order: the losses sum over points, and an unsorted top-k is twice as fast on the CPU),
+    followed by fresh uniform points up to ``num_points``. Draws candidates, then the
     fresh points, from ``generator`` (on logits' device) or the global RNG. No gradient flows.
     """
     check_tensor("logits", logits, 4, FLOAT_DTYPES)
@@ -70,7 +71,7 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
     with torch.no_grad():
         candidates = torch.rand(N, num_sampled, 2, device=logits.device, generator=generator)
         uncertainty = -point_sample(logits.detach().float(), candidates)[:, 0].abs()  # [N, S]
-        idx = uncertainty.topk(num_uncertain, dim=1).indices  # [N, k]
+        idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [N, k]
         chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
         fresh = torch.rand(N, num_points - num_uncertain, 2, device=logits.device, generator=generator)
         return torch.cat((chosen, fresh), 1)
