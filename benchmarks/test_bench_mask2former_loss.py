@@ -34,7 +34,7 @@ def make_criterion(variant):
     matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points=points, fused=fused, **bce)
     crit = SetCriterion(K, matcher, loss_weights(2.0, 5.0, 5.0, L - 1), 0.1, ("labels", "masks"), num_points=points,
                         fused=fused, focal_alpha=bce["alpha"], focal_gamma=bce["gamma"]).to(DEVICE)
-    return torch.compile(crit) if variant == "compiled" else crit
+    return torch.compile(crit) if variant == "compiled" else crit  # the point draws run eagerly
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -36,11 +36,19 @@ def point_sample(input: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[..., 0]
 
 
+@torch.compiler.disable
+def _uniform(*size: int, device: Optional[torch.device], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """torch.rand, run eagerly under torch.compile: Dynamo cannot draw a tensor whose size depends on
+    the data (the number of matched masks changes every step: "SymIntArrayRef expected to contain
+    only concrete integers"), so a compiled loss breaks its graph around the draw instead of failing."""
+    return torch.rand(*size, device=device, generator=generator)
+
+
 def random_point_coords(n: int, num_points: int, device: Optional[torch.device] = None,
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """[n, num_points, 2] float32 points uniform in [0, 1)^2 (the matcher's per-image points: n = 1)."""
     _check_count("num_points", num_points)
-    return torch.rand(n, num_points, 2, device=device, generator=generator)
+    return _uniform(n, num_points, 2, device=device, generator=generator)
 
 
 def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_ratio: float = 3.0,
@@ -69,11 +77,11 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     with torch.no_grad():
-        candidates = torch.rand(N, num_sampled, 2, device=logits.device, generator=generator)
+        candidates = _uniform(N, num_sampled, 2, device=logits.device, generator=generator)
         uncertainty = -point_sample(logits.detach().float(), candidates)[:, 0].abs()  # [N, S]
         idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [N, k]
         chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
-        fresh = torch.rand(N, num_points - num_uncertain, 2, device=logits.device, generator=generator)
+        fresh = _uniform(N, num_points - num_uncertain, 2, device=logits.device, generator=generator)
         return torch.cat((chosen, fresh), 1)
 
 

@@ -90,6 +90,24 @@ def test_criterion_losses_compile_fullgraph():
             assert_close(lc[k].grad, le[k].grad, what=f"d/d {k}", grad=True)
 
 
+def test_point_sampled_losses_compile_across_changing_match_counts():
+    """Mask2Former's losses draw points for however many masks matched, a size that changes every
+    step: compiled with dynamic shapes they equal eager over three batches (the draws run eagerly)."""
+    torch._dynamo.reset()
+    criterion = SetCriterion(5, HungarianMatcher(2, 5, 5, num_points=64, fused=True), {}, 0.1, num_points=64,
+                             fused=True)
+    compiled = torch.compile(criterion.losses_from_matches, dynamic=True)
+    for sizes in ([3, 2], [1, 4], [2, 2, 3]):
+        outputs, targets = make_batch(len(sizes), 6, 5, sizes, (8, 8), (32, 32))
+        indices = criterion.matcher.match_layers([outputs], targets)
+        torch.manual_seed(0)
+        eager = criterion.losses_from_matches([outputs], targets, indices)
+        torch.manual_seed(0)
+        got = compiled([outputs], targets, indices)
+        for k in eager:
+            assert_close(got[k], eager[k], what=f"{k} at sizes {sizes}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("arch", ["maskformer", "mask2former"])
