@@ -1,4 +1,8 @@
-"""Shared assertion for the ops' argument checks."""
+"""Shared assertions for the ops: argument checks, and native ops releasing the GIL."""
+import sys
+import threading
+import time
+
 import pytest
 
 
@@ -15,3 +19,26 @@ def assert_rejected_before_backend(op, backend, case, monkeypatch):
     monkeypatch.setattr(op.backends[backend], "fn", must_not_run)
     with pytest.raises(exc, match=text):
         op(*args, backend=backend)
+
+
+def assert_releases_gil(run) -> None:
+    """With a 10 s switch interval no Python thread preempts another: the main thread can resume
+    before the worker's ``run()`` returns only if the op it calls released the GIL."""
+    started, times = threading.Event(), {}
+
+    def work():
+        started.set()
+        run()
+        times["op_done"] = time.perf_counter()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        times["main_resumed"] = time.perf_counter()
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert times["main_resumed"] < times["op_done"]
