@@ -1,9 +1,13 @@
-"""Shared assertions for the ops: argument checks, and native ops releasing the GIL."""
+"""Shared assertions for the ops: argument checks, matching costs against the reference, and native
+ops releasing the GIL."""
 import sys
 import threading
 import time
 
 import pytest
+import torch
+
+from tolerances import assert_close
 
 
 def assert_rejected_before_backend(op, backend, case, monkeypatch):
@@ -42,3 +46,16 @@ def assert_releases_gil(run) -> None:
     finally:
         sys.setswitchinterval(old)
     assert times["main_resumed"] < times["op_done"]
+
+
+def assert_cost_matches_reference(op, backend, args, dtype=torch.float32, **kw):
+    """A matching-cost op's ``backend`` against its reference: float32 [B, Q, Nmax] on the inputs'
+    device, the same sizes, each image's real columns within the table's tolerance and +inf past them."""
+    cost, sizes = op(*args, backend=backend, **kw)
+    cost_ref, sizes_ref = op(*args, backend="reference", **kw)
+    assert cost.dtype == torch.float32 and cost.shape == cost_ref.shape and cost.device == args[0].device
+    assert torch.equal(sizes, sizes_ref)
+    for b, n in enumerate(sizes.tolist()):
+        assert_close(cost[b, :, :n], cost_ref[b, :, :n], dtype, what=f"{backend} cost of image {b}")
+        assert torch.isinf(cost[b, :, n:]).all() and (cost[b, :, n:] > 0).all(), f"image {b}: padding is not +inf"
+    return cost

@@ -86,7 +86,8 @@ def reference(tmp_path_factory):
     return get
 
 
-def _assert_same_outputs(model, hf, what):
+def assert_same_outputs(model, hf, what):
+    """Class and mask logits of every prediction of ``model`` (eval mode) against transformers'."""
     model.eval()
     with torch.no_grad():
         out = model(hf["images"])
@@ -94,9 +95,10 @@ def _assert_same_outputs(model, hf, what):
     assert len(layers) == len(hf["expected"])
     for i, (ours, (logits, masks)) in enumerate(zip(layers, hf["expected"])):
         for name, a, b in (("class logits", ours["pred_logits"], logits), ("mask logits", ours["pred_masks"], masks)):
+            assert a.shape == b.shape, f"{what} {hf['kind']} prediction {i} {name}: {a.shape} vs {b.shape}"
             diff = (a - b).abs().max().item()
-            print(f"{what} {hf['kind']} layer {i} {name}: max abs diff {diff:.2e}")
-            assert diff <= PARITY_ATOL, f"{what} {hf['kind']} layer {i} {name}: max abs diff {diff}"
+            print(f"{what} {hf['kind']} prediction {i} {name}: max abs diff {diff:.2e}")
+            assert diff <= PARITY_ATOL, f"{what} {hf['kind']} prediction {i} {name}: max abs diff {diff}"
 
 
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
@@ -105,7 +107,7 @@ def test_hf_folder_parity(reference, kind):
     model = fastmaskformer.MaskFormer.from_pretrained(str(hf["folder"]))
     assert model.num_classes == NUM_CLASSES and model.backbone.name == (
         "resnet18" if hf["kind"] == "resnet" else "swin_tiny_patch4_window7_224")
-    _assert_same_outputs(model, hf, "transformers folder")
+    assert_same_outputs(model, hf, "transformers folder")
 
 
 # -- the official detectron2 names, written from facebookresearch/MaskFormer's modules ------------
@@ -216,7 +218,7 @@ def test_detectron2_pkl_parity(reference, kind):
     hf = reference(kind)
     model = from_pretrained(str(hf["pkl"]), nheads=4)  # the head count is not in the weights
     assert model.transformer_decoder.decoder.layers[0].self_attn.num_heads == 4
-    _assert_same_outputs(model, hf, "detectron2 pkl")
+    assert_same_outputs(model, hf, "detectron2 pkl")
 
 
 def test_unmapped_keys_are_named(reference, tmp_path):
@@ -229,7 +231,7 @@ def test_unmapped_keys_are_named(reference, tmp_path):
         pickle.dump(obj, f)
     with pytest.raises(UnmappedKeysError, match=r"sem_seg_head\.predictor\.extra_thing\.weight.*allow_unmapped"):
         from_pretrained(str(bad), nheads=4)
-    _assert_same_outputs(from_pretrained(str(bad), nheads=4, allow_unmapped=True), hf, "allow_unmapped")
+    assert_same_outputs(from_pretrained(str(bad), nheads=4, allow_unmapped=True), hf, "allow_unmapped")
 
 
 def test_pkl_refuses_code(tmp_path):
@@ -251,7 +253,7 @@ def test_cli_convert_then_evaluate(reference, tmp_path, capsys):
     assert yaml_path == str(tmp_path / "converted.yaml")
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["config"]["model"]["backbone"] == "resnet18" and ckpt["config"]["data"]["num_classes"] == NUM_CLASSES
-    _assert_same_outputs(from_pretrained(str(out)), hf, "converted .pth")
+    assert_same_outputs(from_pretrained(str(out)), hf, "converted .pth")
     metrics = evaluate.main(["--config", yaml_path, "--checkpoint", str(out), "--output", str(tmp_path / "m.json"),
                              "data.val_length=2", "data.image_size=64", "data.test_size=0", "train.device=cpu"])
     assert 0 <= metrics["mIoU"] <= 100 and (tmp_path / "m.json").exists()

@@ -24,9 +24,8 @@ from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation,
 from fastmaskformer import Mask2Former, MaskFormer
 from fastmaskformer.convert import UnmappedKeysError, from_pretrained
 
-from test_convert import official_from_hf
+from test_convert import assert_same_outputs, official_from_hf
 
-PARITY_ATOL = 1e-4
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
@@ -103,20 +102,6 @@ def reference(tmp_path_factory):
     return get
 
 
-def _assert_same_outputs(model, hf, what):
-    model.eval()
-    with torch.no_grad():
-        out = model(hf["images"])
-    layers = [*out["aux_outputs"], out]
-    assert len(layers) == len(hf["expected"])
-    for i, (ours, (logits, masks)) in enumerate(zip(layers, hf["expected"])):
-        for name, a, b in (("class logits", ours["pred_logits"], logits), ("mask logits", ours["pred_masks"], masks)):
-            assert a.shape == b.shape, f"{what} {hf['kind']} prediction {i} {name}: {a.shape} vs {b.shape}"
-            diff = (a - b).abs().max().item()
-            print(f"{what} {hf['kind']} prediction {i} {name}: max abs diff {diff:.2e}")
-            assert diff <= PARITY_ATOL, f"{what} {hf['kind']} prediction {i} {name}: max abs diff {diff}"
-
-
 @pytest.mark.parametrize("kind", ["resnet", "swin"])
 def test_hf_folder_parity(reference, kind):
     hf = reference(kind)
@@ -129,7 +114,7 @@ def test_hf_folder_parity(reference, kind):
     # the loss settings come from the config too (transformers' defaults: 2 / 5 / 5, eos 0.1, 12544 points)
     assert (model.matcher.cost_class, model.matcher.cost_mask, model.matcher.cost_dice) == (2.0, 5.0, 5.0)
     assert model.criterion.eos_coef == 0.1 and model.num_points == 12544
-    _assert_same_outputs(model, hf, "transformers folder")
+    assert_same_outputs(model, hf, "transformers folder")
 
 
 def test_generic_from_pretrained_picks_the_class(reference):
@@ -224,7 +209,7 @@ def test_detectron2_pkl_parity(reference, kind):
     assert (enc.n_heads, enc.n_points) == (4, 4)  # the encoder follows nheads; points follow from the shapes
     assert model.transformer_decoder.layers[0].self_attn.num_heads == 4
     assert model.pixel_decoder.encoder[0].ffn.linear1.out_features == TINY["encoder_feedforward_dim"]
-    _assert_same_outputs(model, hf, "detectron2 pkl")
+    assert_same_outputs(model, hf, "detectron2 pkl")
 
 
 def test_pkl_unmapped_keys_and_head_count_errors(reference, tmp_path):
@@ -237,7 +222,7 @@ def test_pkl_unmapped_keys_and_head_count_errors(reference, tmp_path):
         pickle.dump(obj, f)
     with pytest.raises(UnmappedKeysError, match=r"sem_seg_head\.predictor\.extra_thing\.weight.*allow_unmapped"):
         from_pretrained(str(bad), nheads=4)
-    _assert_same_outputs(from_pretrained(str(bad), nheads=4, allow_unmapped=True), hf, "allow_unmapped")
+    assert_same_outputs(from_pretrained(str(bad), nheads=4, allow_unmapped=True), hf, "allow_unmapped")
     # 48 attention-weight rows = heads * 3 levels * points: 5 heads cannot be right
     with pytest.raises(ValueError, match=r"enc_nheads: the encoder's attention weights have 48 rows"):
         from_pretrained(str(hf["pkl"]), nheads=4, enc_nheads=5)
@@ -257,7 +242,7 @@ def test_hf_config_checks(reference, tmp_path, field, value, message):
     cfg[field] = value
     (folder / "config.json").write_text(json.dumps(cfg))
     if message is None:
-        _assert_same_outputs(Mask2Former.from_pretrained(str(folder)), hf, field)
+        assert_same_outputs(Mask2Former.from_pretrained(str(folder)), hf, field)
     else:
         with pytest.raises(ValueError, match=message):
             Mask2Former.from_pretrained(str(folder))
@@ -284,7 +269,7 @@ def test_convert_keeps_what_the_config_cannot_hold(reference, tmp_path):
     assert model.pixel_std.flatten().tolist() == pytest.approx([0.2, 0.25, 0.3])
     model.pixel_mean.copy_(MEAN.view(3, 1, 1))  # the reference outputs were computed with the default mean/std
     model.pixel_std.copy_(STD.view(3, 1, 1))
-    _assert_same_outputs(model, hf, "converted .pth")
+    assert_same_outputs(model, hf, "converted .pth")
 
 
 def test_cli_convert_then_evaluate(tmp_path):
@@ -304,7 +289,7 @@ def test_cli_convert_then_evaluate(tmp_path):
     images = torch.rand(1, 3, 64, 64)
     expected = _predictions(model, images)
     hf = dict(kind="resnet (defaults)", images=images, expected=expected)
-    _assert_same_outputs(from_pretrained(str(out)), hf, "converted .pth")
+    assert_same_outputs(from_pretrained(str(out)), hf, "converted .pth")
     metrics = evaluate.main(["--config", yaml_path, "--checkpoint", str(out), "--output", str(tmp_path / "m.json"),
                              "data.val_length=2", "data.image_size=64", "data.test_size=0", "train.device=cpu"])
     assert 0 <= metrics["mIoU"] <= 100 and (tmp_path / "m.json").exists()

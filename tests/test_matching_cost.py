@@ -10,8 +10,7 @@ import torch
 
 from conftest import DEVICES
 from fastmaskformer import ops
-from tolerances import assert_close
-from backend_checks import assert_rejected_before_backend
+from backend_checks import assert_cost_matches_reference, assert_rejected_before_backend
 
 ops.load_backends()
 BACKENDS = [b for b, be in ops.matching_cost.backends.items() if b != "reference" and be.available() is None]
@@ -36,14 +35,7 @@ def _inputs(B, Q, K, h, w, H, W, ns, device, dtype=torch.float32, mask_dtypes=(t
 
 
 def _check(backend, args, dtype=torch.float32, **kw):
-    cost, sizes = ops.matching_cost(*args, backend=backend, **kw)
-    cost_ref, sizes_ref = ops.matching_cost(*args, backend="reference", **kw)
-    assert cost.dtype == torch.float32 and cost.shape == cost_ref.shape and cost.device == args[0].device
-    assert torch.equal(sizes, sizes_ref)
-    for b, n in enumerate(sizes.tolist()):
-        assert_close(cost[b, :, :n], cost_ref[b, :, :n], dtype, what=f"{backend} cost of image {b}")
-        assert torch.isinf(cost[b, :, n:]).all() and (cost[b, :, n:] > 0).all(), f"image {b}: padding is not +inf"
-    return cost
+    return assert_cost_matches_reference(ops.matching_cost, backend, args, dtype, **kw)
 
 
 CASES = [pytest.param(b, d, id=f"{b}-{d}") for b in BACKENDS for d in DEVICES if _takes(b, d)]

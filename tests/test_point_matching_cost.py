@@ -13,11 +13,10 @@ import math
 import pytest
 import torch
 
-from backend_checks import assert_rejected_before_backend, assert_releases_gil
+from backend_checks import assert_cost_matches_reference, assert_rejected_before_backend, assert_releases_gil
 from conftest import DEVICES
 from fastmaskformer import ops
 from fastmaskformer._ext import native_error
-from tolerances import assert_close
 
 ops.load_backends()
 OP = ops.point_matching_cost
@@ -44,14 +43,7 @@ def _takes(backend: str, device: str) -> bool:
 
 
 def _check(backend, args, dtype=torch.float32, scalars=SCALARS):
-    cost, sizes = OP(*args, *scalars, backend=backend)
-    cost_ref, sizes_ref = OP(*args, *scalars, backend="reference")
-    assert cost.dtype == torch.float32 and cost.shape == cost_ref.shape and cost.device == args[0].device
-    assert torch.equal(sizes, sizes_ref)
-    for b, n in enumerate(sizes.tolist()):
-        assert_close(cost[b, :, :n], cost_ref[b, :, :n], dtype, what=f"{backend} cost of image {b}")
-        assert torch.isinf(cost[b, :, n:]).all() and (cost[b, :, n:] > 0).all(), f"image {b}: padding is not +inf"
-    return cost
+    return assert_cost_matches_reference(OP, backend, (*args, *scalars), dtype)
 
 
 CASES = [pytest.param(b, d, id=f"{b}-{d}") for b in BACKENDS for d in DEVICES if _takes(b, d)]
