@@ -68,7 +68,7 @@ CUDA_TESTS="tests/test_ext.py tests/test_mask_loss.py tests/test_mask_logits.py 
   tests/test_matching_cost.py tests/test_native_ops.py tests/test_linear_sum_assignment.py tests/test_metrics.py
   tests/test_ms_deform_attn_backends.py tests/test_fused_equivalence.py tests/test_autocast.py tests/test_sync.py
   tests/test_compile.py tests/test_autotune_configs.py tests/test_point_mask_loss.py
-  tests/test_point_matching_cost.py"
+  tests/test_point_matching_cost.py tests/test_point_uncertainty.py"
 section "CUDA tests" 200 "$OUT/tests.log" python3 -m pytest -q -rs --deselect \
   tests/test_compile.py::test_models_compile_without_graph_breaks_in_a_fresh_process $CUDA_TESTS
 # The same parity with TF32 matmuls, as most training runs set them (tolerances.py loosens fp32).

@@ -109,23 +109,24 @@ def _register_ms_deform_attn() -> None:
 
 def _register_point_mask_loss() -> None:
     @torch.library.register_fake("fastmaskformer::point_mask_loss_forward")
-    def _forward_fake(pred_masks, target_masks, coords):
-        return pred_masks.new_empty((pred_masks.shape[0], MASK_LOSS_STATS), dtype=torch.float32)
+    def _forward_fake(pred_masks, target_masks, coords, pred_index=None, target_index=None):
+        return pred_masks.new_empty((coords.shape[0], MASK_LOSS_STATS), dtype=torch.float32)
 
     @torch.library.register_fake("fastmaskformer::point_mask_loss_backward")
-    def _backward_fake(grad_stats, pred_masks, target_masks, coords):
+    def _backward_fake(grad_stats, pred_masks, target_masks, coords, pred_index=None, target_index=None):
         return pred_masks.new_empty(pred_masks.shape)
 
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(*inputs)  # the optional row indices may be None
 
     def backward(ctx, grad_stats):
         # Targets are data and the criterion draws the points without a gradient: only the logits get one.
-        pred_masks, target_masks, coords = ctx.saved_tensors
+        pred_masks, target_masks, coords, pred_index, target_index = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = torch.ops.fastmaskformer.point_mask_loss_backward(grad_stats, pred_masks, target_masks, coords)
-        return grad, None, None
+            grad = torch.ops.fastmaskformer.point_mask_loss_backward(grad_stats, pred_masks, target_masks, coords,
+                                                                     pred_index, target_index)
+        return grad, None, None, None, None
 
     torch.library.register_autograd("fastmaskformer::point_mask_loss_forward", backward, setup_context=setup_context)
 
@@ -137,6 +138,12 @@ def _register_point_matching_cost() -> None:
         return pred_logits.new_empty((pred_logits.shape[0], pred_logits.shape[1], n_max), dtype=torch.float32)
 
 
+def _register_point_uncertainty() -> None:
+    @torch.library.register_fake("fastmaskformer::point_uncertainty")
+    def _fake(logits, coords, index=None):
+        return logits.new_empty(coords.shape[:2], dtype=torch.float32)
+
+
 if _C is not None:
     _register_matching_cost()
     _register_mask_loss()
@@ -144,3 +151,4 @@ if _C is not None:
     _register_ms_deform_attn()
     _register_point_mask_loss()
     _register_point_matching_cost()
+    _register_point_uncertainty()

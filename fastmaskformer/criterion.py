@@ -28,7 +28,7 @@ from torch import nn
 from . import ops
 from .matcher import HungarianMatcher, Indices, check_num_points, check_outputs, generator_for, split_targets
 from .ops._checks import check_finite_scalar
-from .point_sampling import uncertain_point_coords
+from .point_sampling import importance_points, uncertain_point_coords
 
 
 def average_num_masks(targets: Sequence[Dict], device: torch.device):
@@ -174,8 +174,8 @@ class SetCriterion(nn.Module):
 
     def loss_masks(self, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks) -> Dict:
         step = _StepTargets(targets, outputs["pred_masks"].device)
-        image, src, tgt = _Matches([indices], step, step.labels.device).layer(0)
-        return self._loss_masks(outputs, step.masks[tgt], image, src, num_masks)
+        matched = _Matches([indices], step, step.labels.device).layer(0)
+        return self._loss_masks(outputs, step, matched, num_masks, None if self._in_place() else step.masks[matched[2]])
 
     def get_loss(self, loss: str, outputs: Dict, targets: Sequence[Dict], indices: Indices, num_masks) -> Dict:
         return {"labels": self.loss_labels, "masks": self.loss_masks}[loss](outputs, targets, indices, num_masks)
@@ -188,18 +188,38 @@ class SetCriterion(nn.Module):
         loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight.float())
         return {"loss_ce": loss_ce}
 
-    def _loss_masks(self, outputs: Dict, target_masks: torch.Tensor, image: torch.Tensor, src: torch.Tensor,
-                    num_masks) -> Dict:
-        # target_masks: only the matched masks, N x H x W in the targets' own (byte) dtype.
-        pred, backend = outputs["pred_masks"][image, src], ops.backend_for(self.fused)
-        if self.num_points:
+    def _loss_masks(self, outputs: Dict, step: _StepTargets, matched, num_masks,
+                    target_masks: Optional[torch.Tensor] = None) -> Dict:
+        """target_masks: the matched targets (N x H x W in their own, byte, dtype), gathered for every
+        layer at once; None where the fused point loss reads them in place (:meth:`_in_place`)."""
+        masks, backend = outputs["pred_masks"], ops.backend_for(self.fused)
+        image, src, tgt = matched
+        if not self.num_points:
+            loss_mask, loss_dice = ops.mask_loss(masks[image, src], target_masks, num_masks, self.focal_alpha,
+                                                 self.focal_gamma, backend=backend)
+        elif self._in_place():
+            # The matched rows of the layer's logits and of the step's targets are read where they lie:
+            # no gathered copy of either, and the backward writes the layer's gradient directly instead
+            # of a gradient of the copy that an index_put then scatters into zeros.
+            flat, rows = masks.flatten(0, 1), image * masks.shape[1] + src
+            source = flat.detach()
+            coords = importance_points(rows.shape[0], self.num_points, self.oversample_ratio,
+                                       self.importance_sample_ratio,
+                                       lambda c: ops.point_uncertainty(source, c, rows, backend=backend), flat.device,
+                                       generator_for(self.generator, flat.device))
+            loss_mask, loss_dice = ops.point_mask_loss(flat, step.masks, coords, num_masks, pred_index=rows,
+                                                       target_index=tgt, backend=backend)
+        else:
+            pred = masks[image, src]
             coords = uncertain_point_coords(pred[:, None], self.num_points, self.oversample_ratio,
                                             self.importance_sample_ratio, generator_for(self.generator, pred.device))
             loss_mask, loss_dice = ops.point_mask_loss(pred, target_masks, coords, num_masks, backend=backend)
-        else:
-            loss_mask, loss_dice = ops.mask_loss(pred, target_masks, num_masks, self.focal_alpha, self.focal_gamma,
-                                                 backend=backend)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
+
+    def _in_place(self) -> bool:
+        """Whether the point losses read the matched rows in place (the fused path) rather than from
+        gathered copies (the reference path, as the official criterion does)."""
+        return bool(self.num_points) and self.fused
 
     def forward(self, outputs: Dict, targets: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         check_outputs(outputs)
@@ -222,7 +242,8 @@ class SetCriterion(nn.Module):
         step = _StepTargets(targets, device)
         matches = _Matches(indices_per_layer, step, device)
         num_masks = average_num_masks(targets, device)
-        if "masks" in self.losses:  # every layer's matched target masks in one gather
+        target_masks = [None] * len(layers)
+        if "masks" in self.losses and not self._in_place():  # every layer's matched target masks in one gather
             target_masks = step.masks[matches.target].split(
                 [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])])
         losses: Dict[str, torch.Tensor] = {}
@@ -233,7 +254,7 @@ class SetCriterion(nn.Module):
                 if loss == "labels":
                     out = self._loss_labels(layer, step, (image, src, tgt))
                 else:
-                    out = self._loss_masks(layer, target_masks[i], image, src, num_masks)
+                    out = self._loss_masks(layer, step, (image, src, tgt), num_masks, target_masks[i])
                 losses.update({k + suffix: v for k, v in out.items()})
         return losses
 

@@ -15,7 +15,7 @@ function after the draw takes the coordinates as an input, so tests can fix them
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,15 +73,26 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
         raise ValueError(f"oversample_ratio: expected >= 1, got {oversample_ratio}")
     if not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"importance_sample_ratio: expected a fraction in [0, 1], got {importance_sample_ratio}")
-    N = logits.shape[0]
+    source = logits.detach().float()
+    return importance_points(logits.shape[0], num_points, oversample_ratio, importance_sample_ratio,
+                             lambda candidates: -point_sample(source, candidates)[:, 0].abs(), logits.device,
+                             generator)
+
+
+def importance_points(n: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
+                      uncertainty: Callable[[torch.Tensor], torch.Tensor], device: Optional[torch.device] = None,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The draws and the top-k of :func:`uncertain_point_coords` for ``n`` masks, the candidates
+    [n, S, 2] ranked by ``uncertainty(candidates)`` -> [n, S] (higher: kept first). The fused
+    criterion passes ``ops.point_uncertainty`` on the matched rows of a layer's logits, which reads
+    them in place; the draws are the same. Arguments are not checked here."""
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     with torch.no_grad():
-        candidates = _uniform(N, num_sampled, 2, device=logits.device, generator=generator)
-        uncertainty = -point_sample(logits.detach().float(), candidates)[:, 0].abs()  # [N, S]
-        idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [N, k]
+        candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
+        idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
         chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
-        fresh = _uniform(N, num_points - num_uncertain, 2, device=logits.device, generator=generator)
+        fresh = _uniform(n, num_points - num_uncertain, 2, device=device, generator=generator)
         return torch.cat((chosen, fresh), 1)
 
 

@@ -197,6 +197,53 @@ def test_native_is_deterministic_across_thread_counts(device):
     assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(g, g2)
 
 
+def _rows_case(device, index_dtype=torch.int64):
+    """A layer's logits [M, h, w] and the step's targets [T, H, W] with N = 5 masks reading rows of
+    each, one logit row twice and some rows never."""
+    M, T, N, h, w, H, W, P = 7, 4, 5, 5, 6, 17, 19, 40
+    x, t = _logits(M, h, w, device), _masks(T, H, W, device)
+    c = _coords(N, P, h, w, H, W, device)
+    pred_index = torch.tensor([6, 0, 3, 0, 2], dtype=index_dtype, device=device)
+    target_index = torch.tensor([1, 3, 3, 0, 2], dtype=index_dtype, device=device)
+    return x, t, c, pred_index, target_index
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32], ids=str)
+@pytest.mark.parametrize("backend,device", CASES)
+def test_row_indices_read_the_rows_in_place(backend, device, index_dtype):
+    """With pred_index / target_index the op equals the reference on gathered copies, and its gradient
+    is the gathered gradient scattered back: zero in rows no mask reads, summed in a row read twice."""
+    x, t, c, pi, ti = _rows_case(device, index_dtype)
+    xr = x.detach().requires_grad_()
+    losses = OP(xr, t, c, 2.0, pred_index=pi, target_index=ti, backend=backend)
+    weights = [torch.tensor(v, device=device) for v in (0.7, 1.3)]
+    (grad,) = torch.autograd.grad(losses, xr, weights)
+    (mask_ref, dice_ref), grad_rows = _run("reference", x[pi.long()], t[ti.long()], c)
+    assert_close(losses[0], mask_ref, what=f"{backend} loss_mask")
+    assert_close(losses[1], dice_ref, what=f"{backend} loss_dice")
+    expected = torch.zeros_like(x).index_add_(0, pi.long(), grad_rows)
+    assert grad.shape == x.shape
+    assert_close(grad, expected, what=f"{backend} d/d(pred_masks) by row", grad=True)
+    assert torch.count_nonzero(grad[[1, 4, 5]]) == 0
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_row_index_out_of_range_is_not_read(backend, device):
+    """The reference and the native backend raise an IndexError naming the index; Triton (whose
+    indices nothing on the host reads) gives NaN losses and no gradient, never a read out of bounds."""
+    x, t, c, pi, ti = _rows_case(device)
+    bad = ti.clone()
+    bad[2] = t.shape[0]
+    if backend == "triton":
+        xr = x.detach().requires_grad_()
+        mask, dice = OP(xr, t, c, 2.0, pred_index=pi, target_index=bad, backend=backend)
+        assert mask.isnan() and dice.isnan()
+        return
+    for b in ("reference", backend):
+        with pytest.raises(IndexError, match="target_index" if b == "native" else "out of bounds"):
+            OP(x, t, c, 2.0, pred_index=pi, target_index=bad, backend=b)
+
+
 def _per_point_stats(x, t, c):
     """(sum BCE, sum s t, sum s, sum t) over the points, from grid_sample in float64."""
     grid = (2 * c.double() - 1)[:, :, None]
@@ -234,10 +281,16 @@ def _bad_inputs(device):
         ("device mix", (x, t, torch.rand(2, 10, 2, device="meta"), 1.0), ValueError, "meta"),
         ("num_masks", (x, t, c, 0.0), ValueError, "num_masks"),
         ("num_masks shape", (x, t, c, torch.ones(2, device=device)), ValueError, "num_masks"),
+        ("index dtype", (x, t, c, 1.0, torch.zeros(2, device=device)), TypeError, "pred_index"),
+        ("index shape", (x, t, c, 1.0, None, torch.zeros(2, 1, dtype=torch.int64, device=device)), ValueError,
+         "target_index"),
+        ("index length", (x, t[:1], c, 1.0, None, torch.zeros(3, dtype=torch.int64, device=device)), ValueError,
+         "target_index"),
+        ("index device", (x, t, c, 1.0, torch.zeros(2, dtype=torch.int64, device="meta")), ValueError, "meta"),
     ]
 
 
-@pytest.mark.parametrize("case", range(9))
+@pytest.mark.parametrize("case", range(13))
 @pytest.mark.parametrize("backend,device", CASES)
 def test_bad_input_raises_before_the_backend_runs(backend, device, case, monkeypatch):
     assert_rejected_before_backend(OP, backend, _bad_inputs(device)[case], monkeypatch)
@@ -245,16 +298,24 @@ def test_bad_input_raises_before_the_backend_runs(backend, device, case, monkeyp
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="fastmaskformer._C is not built")
 @pytest.mark.parametrize("case,name", [("coords shape", "coords"), ("count", "target_masks"),
-                                       ("grad_stats", "grad_stats")])
+                                       ("grad_stats", "grad_stats"), ("index length", "pred_index"),
+                                       ("index dtype", "target_index"), ("index range", "pred_index")])
 def test_native_ops_check_their_arguments(case, name):
     """The C++ ops check what they read, when called directly (the op's check is bypassed)."""
     x, t, c = _inputs(2, 4, 4, 8, 8, 5, "cpu")
     C = torch.ops.fastmaskformer
-    with pytest.raises(ValueError, match=name):
+    error = {"index dtype": TypeError, "index range": IndexError}.get(case, ValueError)
+    with pytest.raises(error, match=name):
         if case == "coords shape":
             C.point_mask_loss_forward(x, t, c[..., :1])
         elif case == "count":
             C.point_mask_loss_forward(x, t[:1], c)
+        elif case == "index length":
+            C.point_mask_loss_forward(x, t, c, torch.zeros(3, dtype=torch.int64))
+        elif case == "index dtype":
+            C.point_mask_loss_forward(x, t, c, None, torch.zeros(2))
+        elif case == "index range":
+            C.point_mask_loss_backward(torch.ones(2, 4), x, t, c, torch.tensor([0, -1]))
         else:
             C.point_mask_loss_backward(torch.ones(2, 3), x, t, c)
 
@@ -267,6 +328,9 @@ def test_opcheck_native(dtype):
     C = torch.ops.fastmaskformer
     torch.library.opcheck(C.point_mask_loss_forward.default, (x.requires_grad_(), t, c))
     torch.library.opcheck(C.point_mask_loss_backward.default, (torch.randn(3, 4), x.detach(), t, c))
+    rows = (torch.tensor([2, 0]), torch.tensor([1, 1]))  # two masks reading rows of each
+    torch.library.opcheck(C.point_mask_loss_forward.default, (x, t, c[:2], *rows))
+    torch.library.opcheck(C.point_mask_loss_backward.default, (torch.randn(2, 4), x.detach(), t, c[:2], *rows))
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="fastmaskformer._C is not built")

@@ -11,10 +11,11 @@ from ._matching_cost import matching_cost
 from ._ms_deform_attn import ms_deform_attn
 from ._point_mask_loss import point_mask_loss
 from ._point_matching_cost import point_matching_cost
+from ._point_uncertainty import point_uncertainty
 from ._semantic_inference import semantic_inference
 
 OPS = {op.name: op for op in (mask_logits, mask_loss, matching_cost, linear_sum_assignment, semantic_inference,
-                              ms_deform_attn, point_matching_cost, point_mask_loss)}
+                              ms_deform_attn, point_matching_cost, point_mask_loss, point_uncertainty)}
 
 # Every backend registers itself now, once, so that no call ever imports or locks (see _dispatch).
 load_backends()
@@ -31,4 +32,4 @@ def available_backends(op: str) -> list:
 
 __all__ = ["OPS", "Op", "available_backends", "backend_for", "explain", "linear_sum_assignment", "mask_logits",
            "mask_loss", "matching_cost", "ms_deform_attn", "point_mask_loss", "point_matching_cost",
-           "semantic_inference"]
+           "point_uncertainty", "semantic_inference"]

@@ -8,6 +8,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int64, torch.int32)
 # CUDA's limit on a launch grid's second and third axes, which kernels may index by image: ops whose
 # backends decline larger batches say so in their dispatch traits.
 MAX_GRID_YZ = 65535

@@ -8,24 +8,33 @@ falls between pixels of different value. With s = sigmoid(x):
     loss_mask = sum_n mean_p BCE(x_np, t_np) / num_masks
     loss_dice = sum_n [1 - (2 sum_p s_np t_np + 1) / (sum_p s_np + sum_p t_np + 1)] / num_masks
 
-float32 scalars, also under autocast. The points are an input: the criterion draws them (importance
+float32 scalars, also under autocast. With ``pred_index`` / ``target_index`` ([N] int64 or int32),
+mask n reads row ``pred_index[n]`` of ``pred_masks`` [M, h, w] and row ``target_index[n]`` of
+``target_masks`` [T, H, W]: the criterion passes a layer's logits [B Q, h, w] and the step's targets
+with the matched rows, so a fused backend gathers no copy of either and its backward writes the
+layer's gradient (zero in unread rows) without an index_put. A row may be read twice. The points are an input: the criterion draws them (importance
 sampling, in PyTorch), so a fused backend that samples, reduces and scatters the gradient into the
 [N, h, w] logits takes the same arguments, and tests can fix them. ``num_masks`` may be a 0-d device
 tensor (averaged over ranks), which is never read on the host.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..point_sampling import point_mask_loss as _point_losses, point_sample
-from ._checks import FLOAT_DTYPES, MASK_DTYPES, check_num_masks, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, check_num_masks, check_same_device, check_tensor
 from ._dispatch import Op
 
 
 def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, coords: torch.Tensor,
-                              num_masks) -> Tuple[torch.Tensor, torch.Tensor]:
+                              num_masks, pred_index: Optional[torch.Tensor] = None,
+                              target_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    if pred_index is not None:
+        pred_masks = pred_masks[pred_index]
+    if target_index is not None:
+        target_masks = target_masks[target_index]
     with torch.autocast(pred_masks.device.type, enabled=False):
         x = point_sample(pred_masks[:, None].float(), coords.float())[:, 0]  # [N, P], differentiable in the logits
         with torch.no_grad():
@@ -35,15 +44,19 @@ def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tens
     return loss_mask / num_masks, loss_dice / num_masks
 
 
-def _check(pred_masks, target_masks, coords, num_masks, **_):
+def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, **_):
     check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
     check_tensor("target_masks", target_masks, 3, MASK_DTYPES)
     check_tensor("coords", coords, 3, FLOAT_DTYPES)
     check_same_device(pred_masks=pred_masks, target_masks=target_masks, coords=coords)
-    N = pred_masks.shape[0]
-    if target_masks.shape[0] != N:
-        raise ValueError(f"target_masks: expected {N} masks (one per prediction), got shape "
-                         f"{tuple(target_masks.shape)}")
+    N = pred_masks.shape[0] if pred_index is None else _check_index("pred_index", pred_index, coords)
+    if target_index is None:
+        if target_masks.shape[0] != N:
+            raise ValueError(f"target_masks: expected {N} masks (one per prediction), got shape "
+                             f"{tuple(target_masks.shape)}")
+    elif _check_index("target_index", target_index, coords) != N:
+        raise ValueError(f"target_index: expected shape [{N}] (one row per prediction), got "
+                         f"{tuple(target_index.shape)}")
     if coords.shape[0] != N or coords.shape[2] != 2 or coords.shape[1] < 1:
         raise ValueError(f"coords: expected [N, P, 2] with N = {N} (one set of points per mask) and P >= 1, got "
                          f"shape {tuple(coords.shape)}")
@@ -51,6 +64,15 @@ def _check(pred_masks, target_masks, coords, num_masks, **_):
         raise ValueError(f"pred_masks/target_masks: empty spatial size {tuple(pred_masks.shape[-2:])}, "
                          f"{tuple(target_masks.shape[-2:])}")
     check_num_masks(num_masks)
+
+
+def _check_index(name: str, index, coords) -> int:
+    """A row index's length. Its values are not read here (that would be a host sync on a GPU): the
+    reference and the native backend raise an IndexError for a row out of range, the Triton backend
+    gives that mask NaN statistics (so NaN losses) and no gradient."""
+    check_tensor(name, index, 1, INDEX_DTYPES)
+    check_same_device(coords=coords, **{name: index})
+    return index.shape[0]
 
 
 point_mask_loss = Op("point_mask_loss", point_mask_loss_reference, check=_check)

@@ -10,9 +10,14 @@
 // the point's 4 logit taps.
 // Never stored: any [N, P] tensor; a thread holds one chunk of points (x, t, gradient, taps).
 //
+// Mask n reads row pred_index[n] of the logits and row target_index[n] of the targets when those
+// are given (the criterion passes a layer's [B Q, h, w] logits and the step's targets with the matched
+// rows, so neither is gathered into a copy and the backward writes the layer's gradient directly).
+//
 // Parallel over masks. A task owns its mask's statistics row (fp64 sums of the chunks' fp32 vector
 // sums) and its [h, w] gradient slice, so no two threads write one value, and every sum is taken in
-// point order: deterministic whatever the number of threads.
+// point order: deterministic whatever the number of threads. When pred_index names a row twice, the
+// backward runs its masks one after the other, in order.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -21,32 +26,31 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
+#include <vector>
 
 #include "fmf/checks.h"
 #include "fmf/dtypes.h"
+#include "fmf/point_chunk.h"
 
 namespace fmf {
 namespace {
 
 using simd::f32x8;
 using simd::kLanes;
+using namespace point_chunk;
 
-constexpr int kStats = 4;        // per mask: sums over the points of BCE, s t, s and t
-constexpr int64_t kChunk = 64;  // points per vector pass, a multiple of kLanes
+constexpr int kStats = 4;  // per mask: sums over the points of BCE, s t, s and t
 
-// Sizes and element strides of the three inputs (the targets' strides in elements of their dtype).
+// Sizes and element strides of the three inputs (the targets' strides in elements of their dtype),
+// and the rows each mask reads (nullptr: row n).
 struct Geometry {
   int64_t N, h, w, H, W, P;
   int64_t sp_n, sp_h, sp_w, st_n, st_h, st_w;
-};
-
-// The 2 x 2 taps of a chunk's points on one map, as grid_sample reads them: clamped rows (ya, yb)
-// and columns (xa, xb) of the corners, and their weights w[k] (corner k = 2 dy + dx), zero for a
-// corner off the map, so reads and adds need no branch (a zero-weight tap reads or adds 0 at a
-// clamped, valid address).
-struct Taps {
-  int32_t xa[kChunk], xb[kChunk], ya[kChunk], yb[kChunk];
-  float w[4][kChunk];
+  const int64_t* pred_row;
+  const int64_t* target_row;
+  int64_t pred(int64_t n) const { return pred_row ? pred_row[n] : n; }
+  int64_t target(int64_t n) const { return target_row ? target_row[n] : n; }
 };
 
 // One chunk of a mask's points: sampled logits x and targets t (zero past the chunk's end, so the
@@ -57,58 +61,6 @@ struct Chunk {
   Taps low, high;
 };
 
-// floor(v) for |v| < 2^31 (vector truncation, then one down where it rounded up).
-inline f32x8 floor8(const f32x8& v) {
-  const f32x8 f = __builtin_convertvector(__builtin_convertvector(v, simd::i32x8), f32x8);
-  return f > v ? f - 1.f : f;
-}
-
-inline simd::i32x8 clamp8(const simd::i32x8& i, int32_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
-
-// Taps of points [0, m) of xy ((x, y) pairs) on an H x W map: fmf/ms_deform_attn.h's corners_at
-// (the reference's fp32 arithmetic on 2 coords - 1, the same cut-off far outside) 8 points at a time.
-// No FMA contraction here: a fused (g + 1) * W/2 - 1/2 can round a point on a pixel centre to the
-// other side of it.
-FMF_CPU_CLONES __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
-  const float Wf = static_cast<float>(W), Hf = static_cast<float>(H), half_w = Wf * 0.5f, half_h = Hf * 0.5f;
-  for (int64_t i = 0; i < m; i += kLanes) {
-    f32x8 lx, ly;
-    for (int j = 0; j < kLanes; ++j) {
-      const bool in = i + j < m;
-      lx[j] = in ? xy[2 * (i + j)] : -1.f;
-      ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
-    }
-    f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
-    const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
-    x = inside ? x : -2.f, y = inside ? y : -2.f;
-    const f32x8 x0 = floor8(x), y0 = floor8(y), fx = x - x0, fy = y - y0;
-    const simd::i32x8 cx = __builtin_convertvector(x0, simd::i32x8), cy = __builtin_convertvector(y0, simd::i32x8);
-    const int32_t w1 = static_cast<int32_t>(W) - 1, h1 = static_cast<int32_t>(H) - 1;
-    const auto vx0 = (cx >= 0) & (cx <= w1), vx1 = (cx >= -1) & (cx < w1);
-    const auto vy0 = (cy >= 0) & (cy <= h1), vy1 = (cy >= -1) & (cy < h1);
-    const f32x8 zero{};
-    simd::store(taps.w[0] + i, (vx0 & vy0) ? (1.f - fx) * (1.f - fy) : zero);
-    simd::store(taps.w[1] + i, (vx1 & vy0) ? fx * (1.f - fy) : zero);
-    simd::store(taps.w[2] + i, (vx0 & vy1) ? (1.f - fx) * fy : zero);
-    simd::store(taps.w[3] + i, (vx1 & vy1) ? fx * fy : zero);
-    const simd::i32x8 xa = clamp8(cx, w1), xb = clamp8(cx + 1, w1), ya = clamp8(cy, h1), yb = clamp8(cy + 1, h1);
-    std::memcpy(taps.xa + i, &xa, sizeof xa), std::memcpy(taps.xb + i, &xb, sizeof xb);
-    std::memcpy(taps.ya + i, &ya, sizeof ya), std::memcpy(taps.yb + i, &yb, sizeof yb);
-  }
-}
-
-// The bilinear values of points [0, m) at their taps on a map whose element (y, x) reads as
-// read(y, x); zero past m.
-template <class Read>
-inline void gather(const Taps& taps, int64_t m, Read read, float* out) {
-  for (int64_t i = 0; i < m; ++i) {
-    const int64_t xa = taps.xa[i], xb = taps.xb[i], ya = taps.ya[i], yb = taps.yb[i];
-    out[i] = taps.w[0][i] * read(ya, xa) + taps.w[1][i] * read(ya, xb) + taps.w[2][i] * read(yb, xa) +
-             taps.w[3][i] * read(yb, xb);
-  }
-  std::fill(out + m, out + kChunk, 0.f);
-}
-
 // Samples points [p0, p0 + m) of mask n into chunk. The targets' rows are prefetched before the
 // logits are read: at full resolution they are the reads that miss the cache.
 template <typename scalar_t, MaskKind kKind>
@@ -117,14 +69,14 @@ void load_chunk(const Geometry& g, const scalar_t* pred, const void* targets, co
   const float* xy = coords + (n * g.P + p0) * 2;
   point_taps(xy, m, g.h, g.w, chunk.low);
   point_taps(xy, m, g.H, g.W, chunk.high);
-  const int64_t tgt0 = n * g.st_n;
+  const int64_t tgt0 = g.target(n) * g.st_n;
   const char* bytes = static_cast<const char*>(targets);
   const int64_t size = kKind == MaskKind::kByte ? 1 : kKind == MaskKind::kFloat ? 4 : 2;
   for (int64_t i = 0; i < m; ++i) {
     __builtin_prefetch(bytes + (tgt0 + chunk.high.ya[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
     __builtin_prefetch(bytes + (tgt0 + chunk.high.yb[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
   }
-  const scalar_t* logits = pred + n * g.sp_n;
+  const scalar_t* logits = pred + g.pred(n) * g.sp_n;
   gather(chunk.low, m, [&](int64_t y, int64_t x) { return static_cast<float>(logits[y * g.sp_h + x * g.sp_w]); },
          chunk.x);
   gather(chunk.high, m, [&](int64_t y, int64_t x) { return mask_value(targets, tgt0 + y * g.st_h + x * g.st_w, kKind); },
@@ -159,7 +111,37 @@ FMF_CPU_CLONES void chunk_grad(const float* x, const float* t, int64_t m, float 
   }
 }
 
-Geometry check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_masks, const at::Tensor& coords) {
+// The inputs' checks and geometry; the row indices (int64 copies on the CPU, checked against the
+// rows they index) are kept alive in pred_index / target_index.
+struct Inputs {
+  Geometry g;
+  at::Tensor pred_index, target_index;
+};
+
+at::Tensor check_rows(const std::optional<at::Tensor>& index, const char* name, int64_t N, int64_t rows,
+                      const char* of) {
+  if (!index.has_value()) {
+    TORCH_CHECK_VALUE(rows == N, of, ": expected ", N, " masks (one per set of points) when ", name,
+                      " is not given, got ", rows);
+    return at::Tensor();
+  }
+  const at::Tensor& i = *index;
+  TORCH_CHECK_VALUE(i.dim() == 1 && i.size(0) == N, name, ": expected shape [", N, "] (one row per set of points), got ",
+                    i.sizes());
+  TORCH_CHECK_TYPE(i.scalar_type() == at::kLong || i.scalar_type() == at::kInt, name,
+                   ": expected dtype int64 or int32, got ", i.scalar_type());
+  TORCH_CHECK_VALUE(i.device().type() == at::kCPU, name, ": expected a tensor on cpu, got one on ", i.device());
+  at::Tensor rows_of = i.to(at::kLong).contiguous();
+  const int64_t* r = rows_of.const_data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK_INDEX(r[n] >= 0 && r[n] < rows, name, "[", n, "] = ", r[n], " is out of range for the ", rows,
+                      " rows of ", of);
+  }
+  return rows_of;
+}
+
+Inputs check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_masks, const at::Tensor& coords,
+                    const std::optional<at::Tensor>& pred_index, const std::optional<at::Tensor>& target_index) {
   FMF_CHECK_DIM(pred_masks, 3);
   FMF_CHECK_DIM(target_masks, 3);
   FMF_CHECK_DIM(coords, 3);
@@ -169,15 +151,16 @@ Geometry check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_mas
   check_float_dtype(pred_masks.scalar_type(), "pred_masks");
   mask_kind(target_masks.scalar_type(), "target_masks");
   check_float_dtype(coords.scalar_type(), "coords");
-  const int64_t N = pred_masks.size(0);
-  TORCH_CHECK_VALUE(target_masks.size(0) == N, "target_masks: expected ", N, " masks (one per prediction), got shape ",
-                    target_masks.sizes());
-  TORCH_CHECK_VALUE(coords.size(0) == N && coords.size(2) == 2, "coords: expected [", N,
-                    ", P, 2] (one set of points per mask), got shape ", coords.sizes());
+  const int64_t N = coords.size(0);
+  TORCH_CHECK_VALUE(coords.size(2) == 2, "coords: expected [N, P, 2] (one set of points per mask), got shape ",
+                    coords.sizes());
+  Inputs in;
+  in.pred_index = check_rows(pred_index, "pred_index", N, pred_masks.size(0), "pred_masks");
+  in.target_index = check_rows(target_index, "target_index", N, target_masks.size(0), "target_masks");
   TORCH_CHECK_VALUE(N == 0 || (pred_masks.numel() > 0 && target_masks.numel() > 0),
                     "pred_masks/target_masks: expected non-empty mask sizes, got ", pred_masks.sizes(), " and ",
                     target_masks.sizes());
-  return {N,
+  in.g = {N,
           pred_masks.size(1),
           pred_masks.size(2),
           target_masks.size(1),
@@ -188,21 +171,34 @@ Geometry check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_mas
           pred_masks.stride(2),
           target_masks.stride(0),
           target_masks.stride(1),
-          target_masks.stride(2)};
+          target_masks.stride(2),
+          in.pred_index.defined() ? in.pred_index.const_data_ptr<int64_t>() : nullptr,
+          in.target_index.defined() ? in.target_index.const_data_ptr<int64_t>() : nullptr};
+  return in;
+}
+
+// Whether two masks read (so write the gradient of) the same row of the logits.
+bool rows_repeat(const Geometry& g, int64_t rows) {
+  if (!g.pred_row) return false;
+  std::vector<char> seen(rows, 0);
+  for (int64_t n = 0; n < g.N; ++n) {
+    if (seen[g.pred_row[n]]++) return true;
+  }
+  return false;
 }
 
 // Calls on_chunk(n, m, chunk) for the chunks of every mask n in point order, after sampling their
 // m points into chunk, with the logits' dtype and the targets' kind resolved at compile time;
-// parallel over masks.
+// parallel over masks, `grain` masks at least per thread.
 template <class OnChunk>
 void for_each_chunk(const Geometry& g, const at::Tensor& pred, const at::Tensor& target,
-                    const float* points, OnChunk on_chunk) {
+                    const float* points, int64_t grain, OnChunk on_chunk) {
   const MaskKind kind = mask_kind(target.scalar_type(), "target_masks");
   FMF_DISPATCH_FLOAT(pred.scalar_type(), "point_mask_loss_cpu", [&] {
     const scalar_t* logits = pred.const_data_ptr<scalar_t>();
     const void* targets = target.const_data_ptr();
     visit_mask_kind(kind, [&](auto k) {
-      at::parallel_for(0, g.N, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
         Chunk chunk;
         for (int64_t n = begin; n < end; ++n) {
           for (int64_t p0 = 0; p0 < g.P; p0 += kChunk) {
@@ -217,37 +213,45 @@ void for_each_chunk(const Geometry& g, const at::Tensor& pred, const at::Tensor&
 }
 
 at::Tensor point_mask_loss_forward_cpu(const at::Tensor& pred_masks, const at::Tensor& target_masks,
-                                       const at::Tensor& coords) {
-  const Geometry g = check_inputs(pred_masks, target_masks, coords);
+                                       const at::Tensor& coords, const std::optional<at::Tensor>& pred_index,
+                                       const std::optional<at::Tensor>& target_index) {
+  const Inputs in = check_inputs(pred_masks, target_masks, coords, pred_index, target_index);
+  const Geometry& g = in.g;
   if (g.N == 0 || g.P == 0) return at::zeros({g.N, kStats}, pred_masks.options().dtype(at::kFloat));
   const at::Tensor xy = coords.to(at::kFloat).contiguous();  // as the reference's coords.float()
   at::Tensor sums = at::zeros({g.N, kStats}, pred_masks.options().dtype(at::kDouble));
   double* acc = sums.data_ptr<double>();
-  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(),
+  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(), 1,
                  [&](int64_t n, int64_t m, const Chunk& chunk) { chunk_stats(chunk.x, chunk.t, m, acc + n * kStats); });
   return sums.to(at::kFloat);
 }
 
 at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor& pred_masks,
-                                        const at::Tensor& target_masks, const at::Tensor& coords) {
-  const Geometry g = check_inputs(pred_masks, target_masks, coords);
+                                        const at::Tensor& target_masks, const at::Tensor& coords,
+                                        const std::optional<at::Tensor>& pred_index,
+                                        const std::optional<at::Tensor>& target_index) {
+  const Inputs in = check_inputs(pred_masks, target_masks, coords, pred_index, target_index);
+  const Geometry& g = in.g;
   FMF_CHECK_DIM(grad_stats, 2);
   FMF_CHECK_SAME_DEVICE(grad_stats, pred_masks);
   TORCH_CHECK_VALUE(grad_stats.size(0) == g.N && grad_stats.size(1) == kStats, "grad_stats: expected shape [", g.N,
                     ", ", kStats, "], got ", grad_stats.sizes());
-  // fp32 gradient (the taps of many points add into one logit), in pred's dtype at the end.
-  at::Tensor grad = at::zeros({g.N, g.h, g.w}, pred_masks.options().dtype(at::kFloat));
+  // fp32 gradient (the taps of many points add into one logit), in pred's dtype at the end; every
+  // row of pred_masks gets one, zero where no mask reads it.
+  const int64_t rows = pred_masks.size(0);
+  at::Tensor grad = at::zeros({rows, g.h, g.w}, pred_masks.options().dtype(at::kFloat));
   if (g.N == 0 || g.P == 0) return grad.to(pred_masks.scalar_type());
   const at::Tensor xy = coords.to(at::kFloat).contiguous();
   const at::Tensor gs = grad_stats.to(at::kFloat).contiguous();
   const float* g_stats = gs.const_data_ptr<float>();
   float* out = grad.data_ptr<float>();
-  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(),
+  const int64_t grain = rows_repeat(g, rows) ? g.N : 1;  // a repeated row: one thread, masks in order
+  for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(), grain,
                  [&](int64_t n, int64_t m, Chunk& chunk) {
                    const float* gn = g_stats + n * kStats;  // the sum of t does not depend on x: gn[3] is unused
                    chunk_grad(chunk.x, chunk.t, m, gn[0], gn[1], gn[2], chunk.g);
                    const Taps& taps = chunk.low;
-                   float* dst = out + n * g.h * g.w;
+                   float* dst = out + g.pred(n) * g.h * g.w;
                    for (int64_t i = 0; i < m; ++i) {  // a zero-weight tap adds 0 at its clamped address
                      float* top = dst + taps.ya[i] * g.w;
                      float* bottom = dst + taps.yb[i] * g.w;

@@ -30,6 +30,7 @@ from .._matching_cost import matching_cost
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
 from .._point_mask_loss import point_mask_loss
 from .._point_matching_cost import point_matching_cost
+from .._point_uncertainty import point_uncertainty
 
 PRIORITY = 10
 BYTE_MASKS = (torch.bool, torch.uint8)  # the kernels read both as bytes
@@ -183,11 +184,13 @@ ms_deform_attn.register("native", ms_deform_attn_native, available=native_error,
 
 # ---- point_mask_loss ----
 
-def point_mask_loss_native(pred_masks, target_masks, coords, num_masks):
+def point_mask_loss_native(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None):
     """The CPU kernel (csrc/ops/cpu/point_mask_loss_kernel.cpp): per-mask statistics of the points, the
     mask losses' contract with BCE for focal and the P points for the pixels; its backward scatters
-    each point's gradient into the logits' taps. No [N, P] tensor exists in either pass."""
-    stats = torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords)
+    each point's gradient into the logits' taps (of the rows the masks read). No [N, P] tensor
+    exists in either pass, and no gathered copy of the rows."""
+    stats = torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords, pred_index,
+                                                             target_index)
     return losses_from_stats(stats, num_masks, coords.shape[1])
 
 
@@ -219,3 +222,19 @@ def point_matching_cost_native(pred_logits: torch.Tensor, pred_masks: torch.Tens
 
 point_matching_cost.register("native", point_matching_cost_native, available=native_error,
                              supports=_supports_matching_cost, auto_devices=("cpu", "cuda"), priority=PRIORITY)
+
+
+# ---- point_uncertainty ----
+
+def point_uncertainty_native(logits, coords, index=None):
+    """The CPU kernel (csrc/ops/cpu/point_uncertainty_kernel.cpp): the rows read in place, one [N, S]
+    output and no other tensor of that size."""
+    return torch.ops.fastmaskformer.point_uncertainty(logits, coords, index)
+
+
+def _supports_point_uncertainty(logits, *_, **__) -> Optional[str]:
+    return _device_reason(logits, ("cpu",))
+
+
+point_uncertainty.register("native", point_uncertainty_native, available=native_error,
+                           supports=_supports_point_uncertainty, auto_devices=("cpu",), priority=PRIORITY)

@@ -15,6 +15,7 @@ from .._mask_logits import mask_logits
 from .._mask_loss import losses_from_stats, mask_loss
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
 from .._point_mask_loss import point_mask_loss
+from .._point_uncertainty import point_uncertainty
 from .._semantic_inference import semantic_inference
 
 _error: Optional[str] = None
@@ -24,11 +25,13 @@ try:
     from fastmaskformer.kernels.mask_loss import sums as _mask_loss_sums
     from fastmaskformer.kernels.ms_deform_attn import ms_deform_attn as _ms_deform_attn_kernel
     from fastmaskformer.kernels.point_mask_loss import stats as _point_mask_loss_stats
+    from fastmaskformer.kernels.point_uncertainty import point_uncertainty as _point_uncertainty
     from fastmaskformer.kernels.semantic_inference import semantic_inference as _semantic_inference
 except Exception as exc:  # triton missing or broken: every triton backend reports this, none is called
     _error = f"triton kernels cannot be imported ({type(exc).__name__}: {exc})"
     INTERPRET = False
     _mask_logits = _mask_loss_sums = _semantic_inference = _ms_deform_attn_kernel = _point_mask_loss_stats = None
+    _point_uncertainty = None
 
 PRIORITY = 10
 
@@ -95,8 +98,8 @@ ms_deform_attn.register("triton", _ms_deform_attn, available=_available,
 
 # ---- point_mask_loss ----
 
-def _point_mask_loss(pred_masks, target_masks, coords, num_masks):
-    stats = _point_mask_loss_stats(pred_masks, target_masks, coords)
+def _point_mask_loss(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None):
+    stats = _point_mask_loss_stats(pred_masks, target_masks, coords, pred_index, target_index)
     return losses_from_stats(stats, num_masks, coords.shape[1])
 
 
@@ -106,3 +109,17 @@ def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:
 
 point_mask_loss.register("triton", _point_mask_loss, available=_available, supports=_supports_point_mask_loss,
                          auto_devices=("cuda",), priority=PRIORITY)
+
+
+# ---- point_uncertainty ----
+
+def _point_uncertainty_backend(logits, coords, index=None):
+    return _point_uncertainty(logits, coords, index)
+
+
+def _supports_point_uncertainty(logits, *_, **__) -> Optional[str]:
+    return _device_reason(logits)
+
+
+point_uncertainty.register("triton", _point_uncertainty_backend, available=_available,
+                           supports=_supports_point_uncertainty, auto_devices=("cuda",), priority=PRIORITY)

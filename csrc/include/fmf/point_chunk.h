@@ -1,0 +1,85 @@
+// Bilinear reads of chunks of points on CPU maps, as Mask2Former's point_sample reads them
+// (F.grid_sample on 2 coords - 1, bilinear, zero padding, align_corners=False): the taps of 8 points
+// at a time in vector registers, then a gather of their values. Host code only (fmf/simd.h).
+//
+// Off-map corners are folded into zero weights at clamped, valid addresses, so the reads and the
+// adds of the backward's scatter need no branch. (A zero-weight tap still reads its clamped
+// address: a NaN logit next to the map's edge reaches the points beside it.)
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "fmf/simd.h"
+
+namespace fmf {
+namespace point_chunk {
+
+using simd::f32x8;
+using simd::kLanes;
+
+constexpr int64_t kChunk = 64;  // points per vector pass, a multiple of kLanes
+
+// The 2 x 2 taps of a chunk's points on one map, as grid_sample reads them: clamped rows (ya, yb)
+// and columns (xa, xb) of the corners, and their weights w[k] (corner k = 2 dy + dx), zero for a
+// corner off the map, so reads and adds need no branch (a zero-weight tap reads or adds 0 at a
+// clamped, valid address).
+struct Taps {
+  int32_t xa[kChunk], xb[kChunk], ya[kChunk], yb[kChunk];
+  float w[4][kChunk];
+};
+
+// floor(v) for |v| < 2^31 (vector truncation, then one down where it rounded up).
+inline f32x8 floor8(const f32x8& v) {
+  const f32x8 f = __builtin_convertvector(__builtin_convertvector(v, simd::i32x8), f32x8);
+  return f > v ? f - 1.f : f;
+}
+
+inline simd::i32x8 clamp8(const simd::i32x8& i, int32_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
+
+// Taps of points [0, m) of xy ((x, y) pairs) on an H x W map: fmf/ms_deform_attn.h's corners_at
+// (the reference's fp32 arithmetic on 2 coords - 1, the same cut-off far outside) 8 points at a time.
+// No FMA contraction here: a fused (g + 1) * W/2 - 1/2 can round a point on a pixel centre to the
+// other side of it.
+FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
+  const float Wf = static_cast<float>(W), Hf = static_cast<float>(H), half_w = Wf * 0.5f, half_h = Hf * 0.5f;
+  for (int64_t i = 0; i < m; i += kLanes) {
+    f32x8 lx, ly;
+    for (int j = 0; j < kLanes; ++j) {
+      const bool in = i + j < m;
+      lx[j] = in ? xy[2 * (i + j)] : -1.f;
+      ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
+    }
+    f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
+    const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
+    x = inside ? x : -2.f, y = inside ? y : -2.f;
+    const f32x8 x0 = floor8(x), y0 = floor8(y), fx = x - x0, fy = y - y0;
+    const simd::i32x8 cx = __builtin_convertvector(x0, simd::i32x8), cy = __builtin_convertvector(y0, simd::i32x8);
+    const int32_t w1 = static_cast<int32_t>(W) - 1, h1 = static_cast<int32_t>(H) - 1;
+    const auto vx0 = (cx >= 0) & (cx <= w1), vx1 = (cx >= -1) & (cx < w1);
+    const auto vy0 = (cy >= 0) & (cy <= h1), vy1 = (cy >= -1) & (cy < h1);
+    const f32x8 zero{};
+    simd::store(taps.w[0] + i, (vx0 & vy0) ? (1.f - fx) * (1.f - fy) : zero);
+    simd::store(taps.w[1] + i, (vx1 & vy0) ? fx * (1.f - fy) : zero);
+    simd::store(taps.w[2] + i, (vx0 & vy1) ? (1.f - fx) * fy : zero);
+    simd::store(taps.w[3] + i, (vx1 & vy1) ? fx * fy : zero);
+    const simd::i32x8 xa = clamp8(cx, w1), xb = clamp8(cx + 1, w1), ya = clamp8(cy, h1), yb = clamp8(cy + 1, h1);
+    std::memcpy(taps.xa + i, &xa, sizeof xa), std::memcpy(taps.xb + i, &xb, sizeof xb);
+    std::memcpy(taps.ya + i, &ya, sizeof ya), std::memcpy(taps.yb + i, &yb, sizeof yb);
+  }
+}
+
+// The bilinear values of points [0, m) at their taps on a map whose element (y, x) reads as
+// read(y, x); zero past m.
+template <class Read>
+inline void gather(const Taps& taps, int64_t m, Read read, float* out) {
+  for (int64_t i = 0; i < m; ++i) {
+    const int64_t xa = taps.xa[i], xb = taps.xb[i], ya = taps.ya[i], yb = taps.yb[i];
+    out[i] = taps.w[0][i] * read(ya, xa) + taps.w[1][i] * read(ya, xb) + taps.w[2][i] * read(yb, xa) +
+             taps.w[3][i] * read(yb, xb);
+  }
+  std::fill(out + m, out + kChunk, 0.f);
+}
+
+}  // namespace point_chunk
+}  // namespace fmf
