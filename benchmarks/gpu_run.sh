@@ -83,7 +83,7 @@ section "benchmarks" "$REMAIN" "$OUT/bench.log" python3 -m pytest -q benchmarks/
   benchmarks/test_bench_matching_cost.py benchmarks/test_bench_linear_sum_assignment.py \
   benchmarks/test_bench_ms_deform_attn.py benchmarks/test_bench_train_step.py \
   benchmarks/test_bench_point_mask_loss.py \
-  benchmarks/test_bench_point_matching_cost.py \
+  benchmarks/test_bench_point_matching_cost.py benchmarks/test_bench_point_uncertainty.py \
   --benchmark-only --benchmark-json="$OUT/gpu.json"
 
 {
