@@ -143,16 +143,43 @@ def test_label_out_of_range_gives_nan(backend, device, bad):
     assert torch.isfinite(cost[0, :, :2]).all()
 
 
+@pytest.mark.parametrize("shape", [(3, 9, 5, 11, 13, 30, 31, [5, 7, 2], 400), (1, 40, 5, 11, 13, 30, 31, [6], 700)],
+                         ids=["images", "query-blocks"])
 @pytest.mark.parametrize("backend,device", CASES)
-def test_deterministic(backend, device):
-    args = _inputs(3, 9, 5, 11, 13, 30, 31, [5, 7, 2], 400, device)
-    first = OP(*args, *SCALARS, backend=backend)[0]
+def test_deterministic(backend, device, shape):
+    """The same bits on 2 threads and on 1. The CPU splits images into query blocks when there are
+    fewer images than threads (the second shape on 2 threads): the split changes no bit either, and
+    matches the reference."""
+    args = _inputs(*shape, device)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CPU splits images into query blocks by thread count
     try:
+        torch.set_num_threads(2)
+        first = _check(backend, args)
+        torch.set_num_threads(1)
         assert torch.equal(first, OP(*args, *SCALARS, backend=backend)[0])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+def test_a_nan_logit_reaches_only_the_points_that_read_it(backend, device):
+    """As grid_sample: a corner off the map is never read, so a NaN logit at the map's edge leaves
+    finite the cost of a query whose points only pass beside it (one far outside the map, level
+    with it); a point whose taps include it makes that query's row NaN, and no other."""
+    h, w = 6, 8
+    logits, masks, labels, targets, _ = _inputs(1, 3, 4, h, w, 12, 16, [2], 1, device)
+    masks[0, 1, 3, 0] = float("nan")
+    row = (3 + 0.5) / h
+    g = torch.Generator().manual_seed(0)
+    inside = torch.stack([torch.rand(300, generator=g) * 0.6 + 0.35, torch.rand(300, generator=g)], -1)
+    beside = torch.tensor([[-0.6, row], [-1.5, row]])
+    coords = torch.cat([inside, beside])[None].to(device)
+    cost = _check(backend, (logits, masks, labels, targets, coords))
+    assert torch.isfinite(cost).all()
+    reading = torch.cat([coords, torch.tensor([[[0.5 / w, row]]], device=device)], 1)
+    cost = OP(logits, masks, labels, targets, reading, *SCALARS, backend=backend)[0]
+    assert torch.isnan(cost[0, 1]).all() and torch.isfinite(cost[0, [0, 2]]).all()
+    _check(backend, (logits[:, [0, 2]], masks[:, [0, 2]], labels, targets, reading))  # the other queries
 
 
 def _bad_inputs(device):

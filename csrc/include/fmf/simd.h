@@ -50,6 +50,28 @@ inline f32x8 below(int64_t start, int64_t n) {
   return lane < left ? splat<f32x8>(1.f) : f32x8{};
 }
 
+// v[k][j] -> v[j][k]: an 8 x 8 tile transposed in registers (unpacks, then 2-lane and 4-lane shuffles).
+inline void transpose8(f32x8 v[kLanes]) {
+  const i32x8 lo1 = {0, 8, 1, 9, 4, 12, 5, 13}, hi1 = {2, 10, 3, 11, 6, 14, 7, 15};
+  const i32x8 lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+  const i32x8 lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
+  f32x8 t[kLanes], s[kLanes];
+  for (int k = 0; k < kLanes; k += 2) {
+    t[k] = __builtin_shuffle(v[k], v[k + 1], lo1);
+    t[k + 1] = __builtin_shuffle(v[k], v[k + 1], hi1);
+  }
+  for (int k = 0; k < kLanes; k += 4) {  // s[k + c] holds columns c and c + 4 of rows k to k + 3
+    s[k] = __builtin_shuffle(t[k], t[k + 2], lo2);
+    s[k + 1] = __builtin_shuffle(t[k], t[k + 2], hi2);
+    s[k + 2] = __builtin_shuffle(t[k + 1], t[k + 3], lo2);
+    s[k + 3] = __builtin_shuffle(t[k + 1], t[k + 3], hi2);
+  }
+  for (int c = 0; c < 4; ++c) {
+    v[c] = __builtin_shuffle(s[c], s[c + 4], lo4);
+    v[c + 4] = __builtin_shuffle(s[c], s[c + 4], hi4);
+  }
+}
+
 }  // namespace simd
 
 template <>

@@ -1,15 +1,18 @@
 // Batched point-sampled matching cost on the CPU (Mask2Former's matcher).
 //
-// One task is (image b, a block of queries). It walks the image's P points, sorted by row, in blocks
-// of kPoints. For each block it computes every point's bilinear taps at the prediction size and at the target
-// size (fmf/point_sampling.h), samples the targets in place into tile = [t; 1 - t] as
-// [2][kPoints][NP] (column n of t holds ones, so the products below also give the row sums of
-// sigmoid), samples each query's logits x and turns them into terms = [pos; neg; sig] =
-// [BCE(x, 1); BCE(x, 0); sigmoid(x)] as [3][R][kPoints], then adds two small products in registers:
-//     bce += pos @ t + neg @ (1 - t)      (sums of terms >= 0: no cancellation at saturated logits)
-//     sgt += sig @ t
-// Nothing of size Q x P or n x P is stored: a task's scratch is 3R x kPoints + 2 kPoints x NP + 2R x NP
-// floats, the taps of kPoints points and the order of the P points.
+// One task is (image b, a block of R queries). It walks the image's P points sorted by the logit row
+// they fall in, in blocks of at most kPoints points spanning at most kBuckets rows. The logit rows a
+// block reads (kRing at most) are kept pixel-major in a ring, [w][R] per row (the R queries of one
+// pixel side by side), transposed from the [Q, h, w] maps once per row, so a point's sample for every
+// query is four weighted runs of R floats: x as [kPoints][R]. Per block it also samples the targets
+// in place into tile = [t; 1 - t] as [2][kPoints][NP] (column n of t holds ones, so the products
+// below also give the row sums of sigmoid), turns x into terms = [pos; neg; sig] =
+// [BCE(x, 1); BCE(x, 0); sigmoid(x)], and adds three small products in registers, vectorized over
+// the queries:
+//     bce += pos^T t + neg^T (1 - t)      (sums of terms >= 0: no cancellation at saturated logits)
+//     sgt += sig^T t
+// Nothing of size Q x P or n x P is stored: a task's scratch is kRing x w x R + 3 kPoints x R +
+// 2 kPoints x NP + 2 NP x R floats, the taps of kPoints points and the order of the P points.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "fmf/point_matching_cost.h"
@@ -31,13 +35,28 @@ using simd::f32x8;
 using simd::kLanes;
 using simd::round_up;
 
-constexpr int64_t kPoints = 256;  // points per block: the target tile stays in L1/L2
-constexpr int64_t kRows = 4;      // register tile of the product loop: kRows x kCols sums
-constexpr int64_t kCols = 2 * kLanes;
+constexpr int64_t kPoints = 256;  // points per block at most
+constexpr int64_t kBuckets = 4;   // logit rows whose points one block takes at most
+constexpr int64_t kRing = kBuckets + 2;  // rows one block reads: a point in row b reads rows b - 1 to b + 1
+constexpr int64_t kTargetTile = 4;  // targets per register tile of the products (by 8 or 16 queries)
 
 struct Weights {
   float cost_class, cost_mask, cost_dice;
 };
+
+// Rows [first, last] of a map (empty when last < first).
+struct RowBand {
+  int64_t first, last;
+};
+
+// Asks the cache for rows [first, last] of a map of row length `row_bytes` bytes ahead of their
+// reads: reads spread over many maps (or random columns of a band of rows) give the hardware
+// prefetcher no stride to follow.
+inline void prefetch_rows(const char* map, int64_t row_bytes, int64_t first, int64_t last) {
+  for (const char* line = map + first * row_bytes; line < map + (last + 1) * row_bytes; line += 64) {
+    __builtin_prefetch(line);
+  }
+}
 
 // x[0, n) -> BCE(x, 1), BCE(x, 0) and sigmoid(x) (in place of x); n is a whole number of vectors.
 FMF_CPU_CLONES void bce_terms(float* x_sig, float* pos, float* neg, int64_t n) {
@@ -49,58 +68,132 @@ FMF_CPU_CLONES void bce_terms(float* x_sig, float* pos, float* neg, int64_t n) {
   }
 }
 
-// sums[r, j] += sum_p a[r, p] tile[p, j] for r < rows (a multiple of kRows), j < cols (a multiple
-// of kCols), p < points; a has row stride kPoints, tile and sums have row stride cols.
-FMF_CPU_CLONES void add_products(const float* a, int64_t rows, const float* tile, int64_t points, int64_t cols,
-                                 float* sums) {
-  for (int64_t r = 0; r < rows; r += kRows) {
-    for (int64_t j = 0; j < cols; j += kCols) {
-      f32x8 acc[kRows][2] = {};
-      for (int64_t p = 0; p < points; ++p) {
-        const f32x8 t0 = simd::load(tile + p * cols + j), t1 = simd::load(tile + p * cols + j + kLanes);
-        for (int64_t i = 0; i < kRows; ++i) {
-          const float av = a[(r + i) * kPoints + p];
-          acc[i][0] += av * t0;
-          acc[i][1] += av * t1;
-        }
+// sums[j, r] += sum_p a[p, r] tile[p, j] over r in [r0, r0 + kVectors * kLanes), j < cols (a multiple
+// of kTargetTile), p < points; a has row stride R, tile row stride cols, sums row stride R.
+template <int kVectors>
+__attribute__((always_inline)) inline void add_products_tile(const float* a, int64_t R, int64_t r0, const float* tile,
+                                                             int64_t points, int64_t cols, float* sums) {
+  for (int64_t j = 0; j < cols; j += kTargetTile) {
+    f32x8 acc[kTargetTile][kVectors] = {};
+    for (int64_t p = 0; p < points; ++p) {
+      f32x8 av[kVectors];
+      for (int v = 0; v < kVectors; ++v) av[v] = simd::load(a + p * R + r0 + v * kLanes);
+      for (int64_t k = 0; k < kTargetTile; ++k) {
+        const float tv = tile[p * cols + j + k];
+        for (int v = 0; v < kVectors; ++v) acc[k][v] += tv * av[v];
       }
-      for (int64_t i = 0; i < kRows; ++i) {
-        float* s = sums + (r + i) * cols + j;
-        simd::store(s, simd::load(s) + acc[i][0]);
-        simd::store(s + kLanes, simd::load(s + kLanes) + acc[i][1]);
+    }
+    for (int64_t k = 0; k < kTargetTile; ++k) {
+      for (int v = 0; v < kVectors; ++v) {
+        float* s = sums + (j + k) * R + r0 + v * kLanes;
+        simd::store(s, simd::load(s) + acc[k][v]);
       }
     }
   }
 }
 
-// The rows [first, last] of an h-row map that the block of sorted points [p0, p0 + points) reads
-// (a point in bucket b reads rows b - 2 and b - 1 at most), clamped to the map.
-struct RowBand {
-  int64_t first, last;
+// The same over every r < R (a multiple of kLanes): pairs of vectors, then the odd one.
+FMF_CPU_CLONES void add_products(const float* a, int64_t R, const float* tile, int64_t points, int64_t cols,
+                                 float* sums) {
+  int64_t r = 0;
+  for (; r + 2 * kLanes <= R; r += 2 * kLanes) add_products_tile<2>(a, R, r, tile, points, cols, sums);
+  if (r < R) add_products_tile<1>(a, R, r, tile, points, cols, sums);
+}
+
+// A point's four taps on the ring of pixel-major logit rows: the runs of R floats of its corners
+// (nullptr off the map: never read) and their weights.
+struct RunTaps {
+  const float* run[4];
+  float w[4];
+  bool inside;  // all four corners on the map
 };
 
-// Asks the cache for rows [first, last] of a map of row length `row_bytes` bytes: the reads of
-// random columns of a band of rows miss the cache (no stride for the hardware prefetcher to follow),
-// so each block fetches the rows its successor will read while it computes.
-inline void prefetch_rows(const char* map, int64_t row_bytes, int64_t first, int64_t last) {
-  for (const char* line = map + first * row_bytes; line < map + (last + 1) * row_bytes; line += 64) {
-    __builtin_prefetch(line);
+// x[p, r] = the logits of query r sampled at point p, the corners added in grid_sample's order.
+FMF_CPU_CLONES void sample_runs(const RunTaps* taps, int64_t points, int64_t R, float* x) {
+  for (int64_t p = 0; p < points; ++p) {
+    const RunTaps& t = taps[p];
+    float* out = x + p * R;
+    if (t.inside) {
+      for (int64_t r = 0; r < R; r += kLanes) {
+        simd::store(out + r, t.w[0] * simd::load(t.run[0] + r) + t.w[1] * simd::load(t.run[1] + r) +
+                                 t.w[2] * simd::load(t.run[2] + r) + t.w[3] * simd::load(t.run[3] + r));
+      }
+    } else {
+      for (int64_t r = 0; r < R; r += kLanes) {
+        f32x8 v{};
+        for (int k = 0; k < 4; ++k) {
+          if (t.run[k]) v += t.w[k] * simd::load(t.run[k] + r);
+        }
+        simd::store(out + r, v);
+      }
+    }
   }
 }
 
-// A block's points on one H x W map: each point's PointTaps, and for a point whose four corners all
-// lie on the map (the points of the map's interior, nearly all) its top-left corner's offset, the
+// Row `row` of queries [0, nq) of maps x (map elements apart, rows of w) into dst pixel-major:
+// dst[c * R + i] = x[i][row][c]: 16 queries at a time, so each pixel's run is written in whole lines.
+template <typename scalar_t>
+void transpose_row_scalar(const scalar_t* x, int64_t map, int64_t w, int64_t nq, int64_t R, int64_t row,
+                          float* dst) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < nq; i0 += kTile) {
+    const int64_t m = std::min(kTile, nq - i0);
+    const scalar_t* src[kTile];
+    for (int64_t k = 0; k < m; ++k) src[k] = x + (i0 + k) * map + row * w;
+    for (int64_t c = 0; c < w; ++c) {
+      float* d = dst + c * R + i0;
+      for (int64_t k = 0; k < m; ++k) d[k] = static_cast<float>(src[k][c]);
+    }
+  }
+}
+
+// The fp32 case in 8 x 8 tiles transposed in registers (the tails as above). Rows are asked for in
+// increasing order, so each query's next row is prefetched while this one is read: the reads of
+// one row of Q maps, each on its own pages, would otherwise wait on the cache one after another.
+FMF_CPU_CLONES void transpose_row_f32(const float* x, int64_t map, int64_t w, int64_t nq, int64_t R, int64_t row,
+                                      float* dst) {
+  const int64_t nq8 = nq / kLanes * kLanes, w8 = w / kLanes * kLanes;
+  for (int64_t i0 = 0; i0 < nq8; i0 += kLanes) {
+    const float* src = x + i0 * map + row * w;
+    if (row + 1 < map / w) {  // row + 1 of the same 8 maps (map / w rows each)
+      for (int k = 0; k < kLanes; ++k) {
+        prefetch_rows(reinterpret_cast<const char*>(src + k * map), w * sizeof(float), 1, 1);
+      }
+    }
+    for (int64_t c = 0; c < w8; c += kLanes) {
+      f32x8 v[kLanes];
+      for (int k = 0; k < kLanes; ++k) v[k] = simd::load(src + k * map + c);
+      simd::transpose8(v);
+      for (int k = 0; k < kLanes; ++k) simd::store(dst + (c + k) * R + i0, v[k]);
+    }
+    for (int64_t c = w8; c < w; ++c) {
+      for (int k = 0; k < kLanes; ++k) dst[c * R + i0 + k] = src[k * map + c];
+    }
+  }
+  if (nq8 < nq) transpose_row_scalar(x + nq8 * map, map, w, nq - nq8, R, row, dst + nq8);
+}
+
+template <typename scalar_t>
+void transpose_row(const scalar_t* x, int64_t map, int64_t w, int64_t nq, int64_t R, int64_t row, float* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    transpose_row_f32(x, map, w, nq, R, row, dst);
+  } else {
+    transpose_row_scalar(x, map, w, nq, R, row, dst);
+  }
+}
+
+// A block's points on the H x W targets: each point's PointTaps, and for a point whose four corners
+// all lie on the map (the points of the map's interior, nearly all) its top-left corner's offset, the
 // other corners being +1, +W and +W + 1: its read needs no test.
 struct BlockTaps {
   PointTaps taps[kPoints];
   int64_t corner[kPoints];
   bool inside[kPoints];
 
-  // Stores t as point p's taps; returns whether all four of its corners lie on the map.
-  bool put(int64_t p, const PointTaps& t) {
+  void put(int64_t p, const PointTaps& t) {
     taps[p] = t;
     corner[p] = t.off[0];
-    return inside[p] = t.off[0] >= 0 && t.off[1] >= 0 && t.off[2] >= 0 && t.off[3] >= 0;
+    inside[p] = t.off[0] >= 0 && t.off[1] >= 0 && t.off[2] >= 0 && t.off[3] >= 0;
   }
 };
 
@@ -136,54 +229,6 @@ void sample_targets(const ImageTargets& img, const BlockTaps& bt, int64_t points
   }
 }
 
-// x_out[i, p] = query i's logits x + i * map sampled at point p, for i < nq, p < points: points
-// [0, inside) are interior ones (a branch-free loop of four reads), the others go through sample_at.
-// Each query's rows `next` (those of the next block) are prefetched before its points are read.
-template <typename scalar_t>
-inline void sample_queries_impl(const scalar_t* x, int64_t map, int64_t w, int64_t nq, const BlockTaps& bt,
-                                int64_t inside, int64_t points, RowBand next, float* x_out) {
-  const auto at = [](const scalar_t* c) { return static_cast<float>(*c); };
-  for (int64_t i = 0; i < nq; i += 2) {
-    // Two queries at a time: one read of each point's taps serves both.
-    const bool pair = i + 1 < nq;
-    const scalar_t* x0 = x + i * map;
-    const scalar_t* x1 = pair ? x0 + map : x0;
-    if (next.first <= next.last) {
-      prefetch_rows(reinterpret_cast<const char*>(x0), w * sizeof(scalar_t), next.first, next.last);
-      if (pair) prefetch_rows(reinterpret_cast<const char*>(x1), w * sizeof(scalar_t), next.first, next.last);
-    }
-    float* out0 = x_out + i * kPoints;
-    float* out1 = pair ? out0 + kPoints : out0;
-    for (int64_t p = 0; p < inside; ++p) {
-      const PointTaps& t = bt.taps[p];
-      const int64_t c = bt.corner[p];
-      const float v0 = t.w[0] * at(x0 + c) + t.w[1] * at(x0 + c + 1) + t.w[2] * at(x0 + c + w) +
-                       t.w[3] * at(x0 + c + w + 1);
-      const float v1 = t.w[0] * at(x1 + c) + t.w[1] * at(x1 + c + 1) + t.w[2] * at(x1 + c + w) +
-                       t.w[3] * at(x1 + c + w + 1);
-      out1[p] = v1;  // (the same value as out0's when there is no second query)
-      out0[p] = v0;
-    }
-    for (int64_t p = inside; p < points; ++p) {
-      out0[p] = sample_at(bt.taps[p], [&](int64_t k) { return static_cast<float>(x0[k]); });
-      if (pair) out1[p] = sample_at(bt.taps[p], [&](int64_t k) { return static_cast<float>(x1[k]); });
-    }
-  }
-}
-
-template <typename scalar_t>
-void sample_queries(const scalar_t* x, int64_t map, int64_t w, int64_t nq, const BlockTaps& bt, int64_t inside,
-                    int64_t points, RowBand next, float* x_out) {
-  sample_queries_impl(x, map, w, nq, bt, inside, points, next, x_out);
-}
-
-// fp32 logits (the common case) in a clone per instruction set.
-template <>
-FMF_CPU_CLONES void sample_queries<float>(const float* x, int64_t map, int64_t w, int64_t nq, const BlockTaps& bt,
-                                          int64_t inside, int64_t points, RowBand next, float* x_out) {
-  sample_queries_impl(x, map, w, nq, bt, inside, points, next, x_out);
-}
-
 using SampleFn = void (*)(const ImageTargets&, const BlockTaps&, int64_t, RowBand, int64_t, float*, float*, float*);
 
 SampleFn sampler_for(MaskKind kind) {
@@ -194,11 +239,6 @@ struct Task {
   int64_t b, q0, nq;
 };
 
-// The points in the order of the prediction rows they fall in (a stable counting sort; rows above
-// and below the map in buckets of their own). A block of kPoints consecutive points then reads a
-// band of a few rows of each query's map and of each target, which stays in cache, where points in
-// their random order would pull every query's whole map through the cache once per block. The sums
-// over points are the same up to rounding in another order.
 // Bucket of a point with y coordinate cy on a map of h rows: 1 + its row, 0 above the map (and NaN),
 // h + 1 below it.
 inline int64_t row_bucket(float cy, int64_t h) {
@@ -206,6 +246,11 @@ inline int64_t row_bucket(float cy, int64_t h) {
   return y >= 0.f ? (y < static_cast<float>(h) ? static_cast<int64_t>(y) + 1 : h + 1) : 0;
 }
 
+// The points in the order of the prediction rows they fall in (a stable counting sort on their
+// buckets). A block of consecutive points then reads a band of a few rows of the logits (which the
+// ring holds) and of each target (which stays in cache), where points in their random order would
+// pull every map whole through the cache once per block. The sums over points are the same up to
+// rounding in another order.
 std::vector<int64_t> row_order(const float* coords, int64_t P, int64_t h) {
   std::vector<int64_t> start(h + 3, 0), bucket(P), order(P);
   for (int64_t p = 0; p < P; ++p) {
@@ -229,61 +274,89 @@ RowBand rows_read(const float* coords, const std::vector<int64_t>& order, int64_
   return {std::clamp<int64_t>(row(first), 0, M - 1), std::clamp<int64_t>(row(last) + 1, 0, M - 1)};
 }
 
+// Ends of the blocks of the sorted points: at most kPoints points and kBuckets buckets each.
+std::vector<int64_t> block_ends(const float* coords, const std::vector<int64_t>& order, int64_t h) {
+  std::vector<int64_t> ends;
+  const int64_t P = static_cast<int64_t>(order.size());
+  for (int64_t p0 = 0; p0 < P;) {
+    const int64_t first = row_bucket(coords[2 * order[p0] + 1], h);
+    int64_t p1 = p0 + 1;
+    while (p1 < P && p1 - p0 < kPoints && row_bucket(coords[2 * order[p1] + 1], h) - first < kBuckets) ++p1;
+    ends.push_back(p1);
+    p0 = p1;
+  }
+  return ends;
+}
+
 template <typename scalar_t>
 void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weights& wt, SampleFn sample) {
   const MatchingCostInputs& base = in.base;
   const ImageTargets& img = base.table[task.b];
   const int64_t Q = base.masks.size(1), h = base.masks.size(2), w = base.masks.size(3), P = in.P;
   const int64_t C = in.prob.size(2), n = img.n;
-  const int64_t R = round_up(task.nq, kRows), NP = round_up(n + 1, kCols);
+  const int64_t R = round_up(task.nq, kLanes), NP = round_up(n + 1, kTargetTile);
 
-  std::vector<BlockTaps> block_taps(2);  // heap: two blocks of taps are too big for a thread's stack
-  BlockTaps& pred_taps = block_taps[0];
-  BlockTaps& tgt_taps = block_taps[1];
-  std::vector<float> terms(3 * R * kPoints, 0.f), tile(2 * kPoints * NP, 0.f), sums(2 * R * NP, 0.f),
-      col_sums(NP, 0.f);
+  std::vector<BlockTaps> tgt_block(1);  // heap: a block of taps is too big for a thread's stack
+  BlockTaps& tgt_taps = tgt_block[0];
+  std::vector<RunTaps> pred_taps(kPoints);
+  std::vector<Corners> corners(kPoints);
+  std::vector<float> ring(kRing * w * R, 0.f), terms(3 * kPoints * R, 0.f), tile(2 * kPoints * NP, 0.f),
+      sums(2 * NP * R, 0.f), col_sums(NP, 0.f);
+  std::vector<int64_t> ring_row(kRing, -1);  // the logit row each ring slot holds
   float* t = tile.data();
   float* one_minus_t = t + kPoints * NP;
   for (int64_t p = 0; p < kPoints; ++p) t[p * NP + n] = 1.f;
   float* pos = terms.data();
-  float* neg = pos + R * kPoints;
-  float* sig = neg + R * kPoints;
+  float* neg = pos + kPoints * R;
+  float* sig = neg + kPoints * R;
   float* bce = sums.data();
-  float* sgt = bce + R * NP;
+  float* sgt = bce + NP * R;
 
   const float* coords = in.coords.data_ptr<float>() + task.b * P * 2;
   const std::vector<int64_t> order = row_order(coords, P, h);
+  const std::vector<int64_t> ends = block_ends(coords, order, h);
   const scalar_t* x = base.masks.data_ptr<scalar_t>() + (task.b * Q + task.q0) * h * w;
-  RowBand band = rows_read(coords, order, 0, std::min(kPoints, P), h, h);
-  RowBand tgt_band = rows_read(coords, order, 0, std::min(kPoints, P), h, img.H);
-  for (int64_t p0 = 0; p0 < P; p0 += kPoints) {
-    const int64_t points = std::min(kPoints, P - p0);
-    // The rows of the next block that this one does not read.
-    RowBand next{0, -1}, tgt_next{0, -1};
-    if (p0 + points < P) {
-      const int64_t next_points = std::min(kPoints, P - p0 - points);
-      const RowBand b = rows_read(coords, order, p0 + points, next_points, h, h);
-      const RowBand tb = rows_read(coords, order, p0 + points, next_points, h, img.H);
-      next = {std::max(b.first, band.last + 1), b.last};
+  RowBand tgt_band = rows_read(coords, order, 0, ends[0], h, img.H);
+  const int64_t blocks = static_cast<int64_t>(ends.size());
+  for (int64_t k = 0, p0 = 0; k < blocks; p0 = ends[k++]) {
+    const int64_t points = ends[k] - p0;
+    // The target rows of the next block that this one does not read, fetched while it computes.
+    RowBand tgt_next{0, -1};
+    if (k + 1 < blocks) {
+      const RowBand tb = rows_read(coords, order, ends[k], ends[k + 1] - ends[k], h, img.H);
       tgt_next = {std::max(tb.first, tgt_band.last + 1), tb.last};
-      band = b, tgt_band = tb;
+      tgt_band = tb;
     }
-    // The block's points in the order interior-first at the logits' size (then the others, last
-    // to first): the queries' loop over the interior ones has no branch.
-    int64_t inside = 0, last = points;
-    for (int64_t k = 0; k < points; ++k) {
-      const int64_t q = order[p0 + k];
-      const PointTaps pt = point_taps(coords[q * 2], coords[q * 2 + 1], h, w);
-      const bool in_map = pt.off[0] >= 0 && pt.off[1] >= 0 && pt.off[2] >= 0 && pt.off[3] >= 0;
-      const int64_t s = in_map ? inside++ : --last;
-      pred_taps.put(s, pt);
-      tgt_taps.put(s, point_taps(coords[q * 2], coords[q * 2 + 1], img.H, img.W));
+    // The block's taps; the logit rows they read, into the ring where it does not hold them yet.
+    int64_t first = h, last = -1;
+    for (int64_t p = 0; p < points; ++p) {
+      const float cx = coords[order[p0 + p] * 2], cy = coords[order[p0 + p] * 2 + 1];
+      corners[p] = corners_at(cx, cy, h, w);
+      tgt_taps.put(p, point_taps(cx, cy, img.H, img.W));
+      const Corners& c = corners[p];
+      if (c.valid[0] || c.valid[1]) first = std::min(first, c.y0), last = std::max(last, c.y0);
+      if (c.valid[2] || c.valid[3]) first = std::min(first, c.y0 + 1), last = std::max(last, c.y0 + 1);
+    }
+    TORCH_INTERNAL_ASSERT(last - first < kRing, "point_matching_cost: a block reads more logit rows than its ring");
+    for (int64_t r = first; r <= last; ++r) {
+      if (ring_row[r % kRing] != r) {
+        transpose_row(x, h * w, w, task.nq, R, r, ring.data() + (r % kRing) * w * R);
+        ring_row[r % kRing] = r;
+      }
+    }
+    for (int64_t p = 0; p < points; ++p) {
+      const Corners& c = corners[p];
+      RunTaps& rt = pred_taps[p];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t row = c.y0 + (q >> 1), col = c.x0 + (q & 1);
+        rt.run[q] = c.valid[q] ? ring.data() + ((row % kRing) * w + col) * R : nullptr;
+        rt.w[q] = c.weight(q);
+      }
+      rt.inside = c.valid[0] && c.valid[1] && c.valid[2] && c.valid[3];
     }
     sample(img, tgt_taps, points, tgt_next, NP, t, one_minus_t, col_sums.data());
-    sample_queries(x, h * w, w, task.nq, pred_taps, inside, points, next, sig);
-    for (int64_t i = 0; i < task.nq; ++i) {
-      bce_terms(sig + i * kPoints, pos + i * kPoints, neg + i * kPoints, round_up(points, kLanes));
-    }
+    sample_runs(pred_taps.data(), points, R, sig);
+    bce_terms(sig, pos, neg, points * R);
     add_products(pos, R, t, points, NP, bce);
     add_products(neg, R, one_minus_t, points, NP, bce);
     add_products(sig, R, t, points, NP, sgt);
@@ -293,14 +366,13 @@ void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weight
   float* out = base.cost.data_ptr<float>() + (task.b * Q + task.q0) * base.n_max;
   for (int64_t i = 0; i < task.nq; ++i) {
     const float* prob = in.prob.data_ptr<float>() + (task.b * Q + task.q0 + i) * C;
-    const float* bce_i = bce + i * NP;
-    const float* sgt_i = sgt + i * NP;
     for (int64_t j = 0; j < n; ++j) {
-      const float dice = 1.f - (2.f * sgt_i[j] + 1.f) / (sgt_i[n] + col_sums[j] + 1.f);
+      const float bce_ij = bce[j * R + i], sgt_ij = sgt[j * R + i], sig_i = sgt[n * R + i];
+      const float dice = 1.f - (2.f * sgt_ij + 1.f) / (sig_i + col_sums[j] + 1.f);
       // A label outside [0, K) (the no-object column included) gives NaN, as in the reference.
       const float p_label = labels[j] >= 0 && labels[j] < C - 1 ? prob[labels[j]]
                                                                 : std::numeric_limits<float>::quiet_NaN();
-      const float c = -wt.cost_class * p_label + wt.cost_mask * (bce_i[j] / static_cast<float>(P)) +
+      const float c = -wt.cost_class * p_label + wt.cost_mask * (bce_ij / static_cast<float>(P)) +
                       wt.cost_dice * dice;
       // Not finite (predictions that are not): NaN, which every solver rejects naming the image.
       out[i * base.n_max + j] = std::isfinite(c) ? c : std::numeric_limits<float>::quiet_NaN();
@@ -325,7 +397,7 @@ at::Tensor point_matching_cost_cpu(const at::Tensor& pred_logits, const at::Tens
   if (images.empty()) return in.base.cost;
   const int64_t threads = at::get_num_threads(), n_images = static_cast<int64_t>(images.size());
   const int64_t splits = std::min((threads + n_images - 1) / n_images, (Q + 15) / 16);
-  const int64_t block = round_up((Q + splits - 1) / splits, kRows);
+  const int64_t block = round_up((Q + splits - 1) / splits, kLanes);
   std::vector<Task> tasks;
   for (int64_t b : images) {
     for (int64_t q0 = 0; q0 < Q; q0 += block) tasks.push_back({b, q0, std::min(block, Q - q0)});
