@@ -45,10 +45,16 @@ FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_ta
   const float Wf = static_cast<float>(W), Hf = static_cast<float>(H), half_w = Wf * 0.5f, half_h = Hf * 0.5f;
   for (int64_t i = 0; i < m; i += kLanes) {
     f32x8 lx, ly;
-    for (int j = 0; j < kLanes; ++j) {
-      const bool in = i + j < m;
-      lx[j] = in ? xy[2 * (i + j)] : -1.f;
-      ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
+    if (i + kLanes <= m) {  // 8 (x, y) pairs: two loads, split into x and y
+      const f32x8 a = simd::load(xy + 2 * i), b = simd::load(xy + 2 * i + kLanes);
+      lx = __builtin_shuffle(a, b, simd::i32x8{0, 2, 4, 6, 8, 10, 12, 14});
+      ly = __builtin_shuffle(a, b, simd::i32x8{1, 3, 5, 7, 9, 11, 13, 15});
+    } else {
+      for (int j = 0; j < kLanes; ++j) {
+        const bool in = i + j < m;
+        lx[j] = in ? xy[2 * (i + j)] : -1.f;
+        ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
+      }
     }
     f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
     const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
