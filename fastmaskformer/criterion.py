@@ -14,11 +14,15 @@ outputs get the same losses with suffix ``_i``. Losses are returned unweighted; 
   importance sampling (``point_sampling.uncertain_point_coords``: ``oversample_ratio`` x uniform
   candidates, the ``importance_sample_ratio`` most uncertain kept, the rest fresh uniform points),
   ``loss_mask`` is binary cross-entropy averaged over the points (``ops.point_mask_loss``). The
-  points are drawn in PyTorch from ``generator`` or the global RNG, without a host sync.
+  points are drawn in PyTorch from ``generator`` or the global RNG, without a host sync. With
+  ``fused=True`` the matched rows are read in place, and when every layer's mask logits are slices
+  of one tensor (this package's heads unbind one [L, B, Q, h, w] output) all layers' point losses are
+  one call whose backward writes that tensor's gradient once: no per-layer gradient for autograd to
+  stack (at B=8 on the CPU, 524 MB fewer written and held).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -113,6 +117,28 @@ class _Matches:
         """(image, prediction, target) index tensors of decoder layer ``i``: views, no copy."""
         lo, hi = self.bounds[i], self.bounds[i + 1]
         return self.image[lo:hi], self.src[lo:hi], self.target[lo:hi]
+
+
+def _rows_of_one_tensor(masks: Sequence[torch.Tensor]):
+    """When every layer's mask logits [B, Q, h, w] are [h, w] rows of one contiguous tensor (the
+    unbound [L, B, Q, h, w] output of this package's heads, and of MaskFormer's, whatever the order
+    of its L, B and Q dims): that tensor as rows [M, h, w], and per layer the row of its (0, 0) mask
+    and the row steps of its B and Q dims; else None. Not while compiling (Dynamo does not trace a
+    view's base)."""
+    if not masks or torch.compiler.is_compiling():
+        return None
+    first, base = masks[0], masks[0]._base
+    if base is None or not base.is_contiguous() or first.dim() != 4 or first.numel() == 0:
+        return None
+    h, w = first.shape[-2:]
+    layout = []
+    for m in masks:
+        offset, (sb, sq, sh, sw) = m.storage_offset() - base.storage_offset(), m.stride()
+        if m._base is not base or m.shape != first.shape or (sh, sw) != (w, 1) \
+                or offset % (h * w) or sb % (h * w) or sq % (h * w):
+            return None
+        layout.append((offset // (h * w), sb // (h * w), sq // (h * w)))
+    return base.view(-1, h, w), layout
 
 
 class SetCriterion(nn.Module):
@@ -246,6 +272,10 @@ class SetCriterion(nn.Module):
         if "masks" in self.losses and not self._in_place():  # every layer's matched target masks in one gather
             target_masks = step.masks[matches.target].split(
                 [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])])
+        stacked = _rows_of_one_tensor([layer["pred_masks"] for layer in layers]) \
+            if "masks" in self.losses and self._in_place() else None
+        if stacked is not None:
+            every_mask, every_dice = self._point_losses_of_every_layer(*stacked, step, matches, num_masks)
         losses: Dict[str, torch.Tensor] = {}
         for i, layer in enumerate(layers):
             suffix = "" if i == 0 else f"_{i - 1}"
@@ -253,10 +283,35 @@ class SetCriterion(nn.Module):
             for loss in self.losses:
                 if loss == "labels":
                     out = self._loss_labels(layer, step, (image, src, tgt))
+                elif stacked is not None:
+                    out = {"loss_mask": every_mask[i], "loss_dice": every_dice[i]}
                 else:
                     out = self._loss_masks(layer, step, (image, src, tgt), num_masks, target_masks[i])
                 losses.update({k + suffix: v for k, v in out.items()})
         return losses
+
+    def _point_losses_of_every_layer(self, flat: torch.Tensor, layout: List[Tuple[int, int, int]],
+                                     step: _StepTargets, matches: _Matches, num_masks):
+        """The point losses of every layer in one call (the fused path, when the layers' logits are
+        slices of one tensor, :func:`_rows_of_one_tensor`): each layer's points drawn as
+        :meth:`_loss_masks` draws them, in layer order, into one [N, P, 2] tensor; the matched rows of
+        ``flat`` and of the step's targets read in place; one group of losses per layer. The backward
+        writes the one gradient of ``flat``, where a call per layer would write one per layer for
+        autograd to stack."""
+        backend, device = ops.backend_for(self.fused), flat.device
+        source, generator = flat.detach(), generator_for(self.generator, device)
+        coords = torch.empty(matches.bounds[-1], self.num_points, 2, device=device)
+        rows = []
+        for i, (start, image_step, query_step) in enumerate(layout):
+            image, src, _ = matches.layer(i)
+            lo, hi = matches.bounds[i], matches.bounds[i + 1]
+            rows.append(start + image * image_step + src * query_step)
+            importance_points(hi - lo, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
+                              lambda c, r=rows[-1]: ops.point_uncertainty(source, c, r, backend=backend), device,
+                              generator, out=coords[lo:hi])
+        groups = [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])]
+        return ops.point_mask_loss(flat, step.masks, coords, num_masks, pred_index=torch.cat(rows),
+                                   target_index=matches.target, groups=groups, backend=backend)
 
     def extra_repr(self) -> str:
         points = (f", num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "

@@ -81,11 +81,13 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
 
 def importance_points(n: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
                       uncertainty: Callable[[torch.Tensor], torch.Tensor], device: Optional[torch.device] = None,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """The draws and the top-k of :func:`uncertain_point_coords` for ``n`` masks, the candidates
     [n, S, 2] ranked by ``uncertainty(candidates)`` -> [n, S] (higher: kept first). The fused
     criterion passes ``ops.point_uncertainty`` on the matched rows of a layer's logits, which reads
-    them in place; the draws are the same. Arguments are not checked here."""
+    them in place; the draws are the same. ``out``: a float32 [n, num_points, 2] tensor to write the
+    points into (a slice of every layer's points). Arguments are not checked here."""
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     with torch.no_grad():
@@ -93,7 +95,7 @@ def importance_points(n: int, num_points: int, oversample_ratio: float, importan
         idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
         chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
         fresh = _uniform(n, num_points - num_uncertain, 2, device=device, generator=generator)
-        return torch.cat((chosen, fresh), 1)
+        return torch.cat((chosen, fresh), 1) if out is None else torch.cat((chosen, fresh), 1, out=out)
 
 
 def point_mask_cost(pred_logits_points: torch.Tensor, target_points: torch.Tensor

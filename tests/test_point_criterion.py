@@ -189,6 +189,64 @@ def test_gradients_reach_logits_and_matched_masks_only():
             assert (per_query[b, q] > 0) == ((b, q) in matched), (b, q)
 
 
+def _stacked_layers(L, B, Q, sizes, hw, HW, layout):
+    """L layers' outputs whose mask logits are the unbound slices of one leaf (``layout`` "LBQ": a
+    contiguous [L, B, Q, h, w]; "BLQ": [B, L Q, h w] seen as [L, B, Q, h, w], the layout of this
+    package's heads), and the same values as L separate leaves."""
+    layers = [make_batch(B, Q, K, sizes, hw, HW, seed=s)[0] for s in range(L)]
+    targets = make_batch(B, Q, K, sizes, hw, HW)[1]
+    masks = torch.stack([o["pred_masks"] for o in layers])  # [L, B, Q, h, w]
+    if layout == "BLQ":
+        leaf = masks.permute(1, 0, 2, 3, 4).reshape(B, L * Q, *hw).clone().requires_grad_()
+        views = leaf.view(B, L, Q, *hw).permute(1, 0, 2, 3, 4).unbind(0)
+    else:
+        leaf = masks.clone().requires_grad_()
+        views = leaf.unbind(0)
+    separate = [o["pred_masks"].clone().requires_grad_() for o in layers]
+    def outputs(mask_list):
+        outs = [{"pred_logits": o["pred_logits"], "pred_masks": m} for o, m in zip(layers, mask_list)]
+        return {**outs[0], "aux_outputs": outs[1:]}
+    return outputs(views), leaf, outputs(separate), separate, targets
+
+
+@pytest.mark.parametrize("layout", ["LBQ", "BLQ"])
+@pytest.mark.parametrize("sizes", [[2, 3], [0, 4]], ids=str)
+def test_fused_loss_of_layers_sliced_from_one_tensor_is_one_call(monkeypatch, layout, sizes):
+    """Layers whose mask logits are slices of one tensor go through one point_mask_loss call (one
+    group per layer, the points drawn in the same order): the losses are those of the per-layer
+    calls on separate tensors, and so is every layer's gradient."""
+    L, B, Q = 3, len(sizes), 5
+    stacked, leaf, separate, leaves, targets = _stacked_layers(L, B, Q, sizes, (6, 7), (24, 28), layout)
+    calls = []
+    op = ops.point_mask_loss
+    monkeypatch.setattr(ops, "point_mask_loss", lambda *a, **k: calls.append(k.get("groups")) or op(*a, **k))
+    losses = point_criterion(16, fused=True, seed=3)(stacked, targets)
+    assert calls == [[n for _ in range(L) for n in [sum(sizes)]]]
+    calls.clear()
+    expected = point_criterion(16, fused=True, seed=3)(separate, targets)
+    assert len(calls) == L and calls == [None] * L
+    assert losses.keys() == expected.keys()
+    for k in expected:
+        assert_close(losses[k], expected[k], what=k)
+    sum(losses.values()).backward()
+    sum(expected.values()).backward()
+    grads = leaf.grad.view(B, L, Q, 6, 7).permute(1, 0, 2, 3, 4) if layout == "BLQ" else leaf.grad
+    for i, sep in enumerate(leaves):
+        assert_close(grads[i], sep.grad, what=f"layer {i} gradient", grad=True)
+
+
+def test_which_layers_are_rows_of_one_tensor():
+    """Any slices whose [h, w] maps are whole rows of one contiguous tensor are (every other query
+    too: a row step of 2); maps of two tensors, transposed maps or every other column are not."""
+    masks = torch.randn(2, 1, 8, 4, 5)
+    flat, layout = criterion_module._rows_of_one_tensor(list(masks[:, :, :4].unbind(0)))
+    assert flat.shape == (16, 4, 5) and layout == [(0, 8, 1), (8, 8, 1)]
+    assert criterion_module._rows_of_one_tensor(list(masks[:, :, 1::2].unbind(0)))[1] == [(1, 8, 2), (9, 8, 2)]
+    for views in ([masks[0], torch.randn(1, 8, 4, 5)], masks.transpose(-1, -2).unbind(0), masks[..., ::2].unbind(0),
+                  [torch.randn(1, 8, 4, 5)]):
+        assert criterion_module._rows_of_one_tensor(list(views)) is None
+
+
 @pytest.mark.parametrize("sizes", [[0, 0], [0, 2]])
 def test_empty_targets(sizes):
     outputs, targets = make_batch(2, 4, K, sizes, (4, 4), (16, 16))

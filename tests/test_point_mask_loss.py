@@ -244,6 +244,32 @@ def test_row_index_out_of_range_is_not_read(backend, device):
             OP(x, t, c, 2.0, pred_index=pi, target_index=bad, backend=b)
 
 
+@pytest.mark.parametrize("backend,device", CASES)
+def test_groups_sum_each_run_of_masks(backend, device):
+    """groups=[2, 0, 3] gives [3] vectors: entry g is the loss of mask run g alone (the reference on
+    that slice, 0 for the empty run), and the gradient of a weighted sum of the entries is the
+    weighted sum of the runs' gradients."""
+    x, t, c = _inputs(5, 6, 7, 18, 21, 40, device)
+    groups, weights = [2, 0, 3], torch.tensor([0.7, 1.9, 1.3], device=device)
+    xr = x.detach().requires_grad_()
+    mask, dice = OP(xr, t, c, 2.0, groups=groups, backend=backend)
+    assert mask.shape == dice.shape == (3,) and mask.dtype == dice.dtype == torch.float32
+    (grad,) = torch.autograd.grad((mask * weights).sum() + (dice * weights.flip(0)).sum(), xr)
+    expected_grad = torch.zeros_like(x)
+    for g, (lo, hi) in enumerate([(0, 2), (2, 2), (2, 5)]):
+        if lo == hi:
+            assert mask[g] == 0 and dice[g] == 0
+            continue
+        xg = x[lo:hi].detach().requires_grad_()
+        m_ref, d_ref = OP(xg, t[lo:hi], c[lo:hi], 2.0, backend="reference")
+        assert_close(mask[g], m_ref, what=f"{backend} loss_mask of group {g}")
+        assert_close(dice[g], d_ref, what=f"{backend} loss_dice of group {g}")
+        (expected_grad[lo:hi],) = torch.autograd.grad(m_ref * weights[g] + d_ref * weights.flip(0)[g], xg)
+    assert_close(grad, expected_grad, what=f"{backend} d/d(pred_masks) of grouped losses", grad=True)
+    empty = OP(x[:0], t[:0], c[:0], 2.0, groups=[], backend=backend)
+    assert empty[0].shape == empty[1].shape == (0,)
+
+
 def _per_point_stats(x, t, c):
     """(sum BCE, sum s t, sum s, sum t) over the points, from grid_sample in float64."""
     grid = (2 * c.double() - 1)[:, :, None]
@@ -287,10 +313,12 @@ def _bad_inputs(device):
         ("index length", (x, t[:1], c, 1.0, None, torch.zeros(3, dtype=torch.int64, device=device)), ValueError,
          "target_index"),
         ("index device", (x, t, c, 1.0, torch.zeros(2, dtype=torch.int64, device="meta")), ValueError, "meta"),
+        ("groups sum", (x, t, c, 1.0, None, None, [1, 2]), ValueError, r"groups: expected counts summing to the 2"),
+        ("groups type", (x, t, c, 1.0, None, None, torch.tensor([2])), TypeError, "groups: expected a list or tuple"),
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(15))
 @pytest.mark.parametrize("backend,device", CASES)
 def test_bad_input_raises_before_the_backend_runs(backend, device, case, monkeypatch):
     assert_rejected_before_backend(OP, backend, _bad_inputs(device)[case], monkeypatch)

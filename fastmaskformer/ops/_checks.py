@@ -91,3 +91,14 @@ def check_label_values(tgt_labels: Sequence[torch.Tensor], num_classes: int) -> 
                      if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes))
             raise ValueError(f"tgt_labels[{i}]: labels must lie in [0, {num_classes}), got range "
                              f"[{int(tgt_labels[i].min())}, {int(tgt_labels[i].max())}]")
+
+
+def check_groups(groups, n: int) -> None:
+    """``groups``: None, or a sequence of ints >= 0 summing to ``n`` (the masks)."""
+    if groups is None:
+        return
+    if isinstance(groups, torch.Tensor) or not isinstance(groups, (list, tuple)) \
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in groups):
+        raise TypeError(f"groups: expected a list or tuple of ints >= 0 (masks per group), got {groups!r}")
+    if sum(groups) != n:
+        raise ValueError(f"groups: expected counts summing to the {n} masks, got {list(groups)} (sum {sum(groups)})")

@@ -7,7 +7,7 @@ without ever writing the N x H x W upsampled tensor.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +44,28 @@ def mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, nu
     return loss_mask, loss_dice
 
 
-def losses_from_stats(stats: torch.Tensor, num_masks, pixels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def losses_from_stats(stats: torch.Tensor, num_masks, pixels: int, groups: Optional[Sequence[int]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(loss_mask, loss_dice) from the per-mask statistics that every fused backend reduces to.
 
     The one contract: ``stats`` is float32 [N, 4] whose row n holds, over the ``pixels`` = H x W
     pixels of mask n, the sums of (focal loss, s t, s, t), s the sigmoid of the upsampled logits and
-    t the target. Differentiable in ``stats``: a backend's backward receives d/d(stats).
+    t the target. Differentiable in ``stats``: a backend's backward receives d/d(stats). With
+    ``groups`` (counts of consecutive masks, host ints summing to N) the losses are [len(groups)]
+    vectors, one sum per group (:func:`group_sums`).
     """
     dice = 1 - (2 * stats[:, 1] + 1) / (stats[:, 2] + stats[:, 3] + 1)
+    if groups is not None:
+        return group_sums(stats[:, 0], groups) / pixels / num_masks, group_sums(dice, groups) / num_masks
     return stats[:, 0].sum() / pixels / num_masks, dice.sum() / num_masks
+
+
+def group_sums(values: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    """[N] -> [len(groups)]: the sums of consecutive runs of ``groups[g]`` values, each summed in
+    order (deterministic, no atomics)."""
+    if not groups:
+        return values.new_zeros(0)
+    return torch.stack([part.sum() for part in values.split(list(groups))])
 
 
 def _check(pred_masks, target_masks, num_masks, alpha=0.25, gamma=2.0, **_):

@@ -16,21 +16,29 @@ layer's gradient (zero in unread rows) without an index_put. A row may be read t
 sampling, in PyTorch), so a fused backend that samples, reduces and scatters the gradient into the
 [N, h, w] logits takes the same arguments, and tests can fix them. ``num_masks`` may be a 0-d device
 tensor (averaged over ranks), which is never read on the host.
+
+``groups`` (host ints summing to N) sums consecutive runs of masks separately: the losses are then
+float32 [len(groups)] vectors. The criterion passes every decoder layer's matched masks in one call,
+one group per layer, when the layers' logits are slices of one tensor (as this package's heads make
+them): the backward then writes the gradient of that whole tensor once, where L calls would each
+write a layer's gradient that autograd then stacks.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from ..point_sampling import point_mask_loss as _point_losses, point_sample
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, check_num_masks, check_same_device, check_tensor
+from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, check_groups, check_num_masks, check_same_device,
+                      check_tensor)
 from ._dispatch import Op
 
 
 def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, coords: torch.Tensor,
                               num_masks, pred_index: Optional[torch.Tensor] = None,
-                              target_index: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                              target_index: Optional[torch.Tensor] = None,
+                              groups: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     if pred_index is not None:
         pred_masks = pred_masks[pred_index]
     if target_index is not None:
@@ -40,11 +48,16 @@ def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tens
         with torch.no_grad():
             t = point_sample(target_masks[:, None].float(), coords.float())[:, 0]
     # Divided by num_masks here, not inside, so that a device tensor is never read on the host.
+    if groups is not None:
+        parts = [_point_losses(xg, tg, 1.0) for xg, tg in zip(x.split(list(groups)), t.split(list(groups)))]
+        if not parts:
+            return x.new_zeros(0), x.new_zeros(0)
+        return torch.stack([m for m, _ in parts]) / num_masks, torch.stack([d for _, d in parts]) / num_masks
     loss_mask, loss_dice = _point_losses(x, t, 1.0)
     return loss_mask / num_masks, loss_dice / num_masks
 
 
-def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, **_):
+def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None, **_):
     check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
     check_tensor("target_masks", target_masks, 3, MASK_DTYPES)
     check_tensor("coords", coords, 3, FLOAT_DTYPES)
@@ -64,6 +77,7 @@ def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_
         raise ValueError(f"pred_masks/target_masks: empty spatial size {tuple(pred_masks.shape[-2:])}, "
                          f"{tuple(target_masks.shape[-2:])}")
     check_num_masks(num_masks)
+    check_groups(groups, N)
 
 
 def _check_index(name: str, index, coords) -> int:

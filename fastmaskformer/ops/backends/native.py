@@ -184,14 +184,15 @@ ms_deform_attn.register("native", ms_deform_attn_native, available=native_error,
 
 # ---- point_mask_loss ----
 
-def point_mask_loss_native(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None):
+def point_mask_loss_native(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None,
+                           groups=None):
     """The CPU kernel (csrc/ops/cpu/point_mask_loss_kernel.cpp): per-mask statistics of the points, the
     mask losses' contract with BCE for focal and the P points for the pixels; its backward scatters
     each point's gradient into the logits' taps (of the rows the masks read). No [N, P] tensor
     exists in either pass, and no gathered copy of the rows."""
     stats = torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords, pred_index,
                                                              target_index)
-    return losses_from_stats(stats, num_masks, coords.shape[1])
+    return losses_from_stats(stats, num_masks, coords.shape[1], groups)
 
 
 def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:

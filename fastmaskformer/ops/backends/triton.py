@@ -98,9 +98,9 @@ ms_deform_attn.register("triton", _ms_deform_attn, available=_available,
 
 # ---- point_mask_loss ----
 
-def _point_mask_loss(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None):
+def _point_mask_loss(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None):
     stats = _point_mask_loss_stats(pred_masks, target_masks, coords, pred_index, target_index)
-    return losses_from_stats(stats, num_masks, coords.shape[1])
+    return losses_from_stats(stats, num_masks, coords.shape[1], groups)
 
 
 def _supports_point_mask_loss(pred_masks, *_, **__) -> Optional[str]:
