@@ -16,8 +16,9 @@
 //
 // Parallel over masks. A task owns its mask's statistics row (fp64 sums of the chunks' fp32 vector
 // sums) and its [h, w] gradient slice, so no two threads write one value, and every sum is taken in
-// point order: deterministic whatever the number of threads. When pred_index names a row twice, the
-// backward runs its masks one after the other, in order.
+// point order: deterministic whatever the number of threads. Masks run grouped by the target row
+// they read (target_order). When pred_index names a row twice, the backward runs its masks one
+// after the other, in that order.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -187,20 +188,39 @@ bool rows_repeat(const Geometry& g, int64_t rows) {
   return false;
 }
 
+// The masks in the order of the target rows they read (a stable counting sort; identity without
+// target_index): masks that share a target (the criterion's decoder layers all read the step's
+// targets) run one after the other on one thread, so its full-resolution target is read from memory
+// once and then from cache. Each mask's sums stay in its own point order: the same bits in any order.
+std::vector<int64_t> target_order(const Geometry& g, int64_t targets) {
+  std::vector<int64_t> order(g.N);
+  if (!g.target_row) {
+    for (int64_t n = 0; n < g.N; ++n) order[n] = n;
+    return order;
+  }
+  std::vector<int64_t> start(targets + 1, 0);
+  for (int64_t n = 0; n < g.N; ++n) ++start[g.target_row[n] + 1];
+  for (int64_t r = 0; r < targets; ++r) start[r + 1] += start[r];
+  for (int64_t n = 0; n < g.N; ++n) order[start[g.target_row[n]]++] = n;
+  return order;
+}
+
 // Calls on_chunk(n, m, chunk) for the chunks of every mask n in point order, after sampling their
 // m points into chunk, with the logits' dtype and the targets' kind resolved at compile time;
-// parallel over masks, `grain` masks at least per thread.
+// parallel over masks (in target_order), `grain` masks at least per thread.
 template <class OnChunk>
 void for_each_chunk(const Geometry& g, const at::Tensor& pred, const at::Tensor& target,
                     const float* points, int64_t grain, OnChunk on_chunk) {
   const MaskKind kind = mask_kind(target.scalar_type(), "target_masks");
+  const std::vector<int64_t> order = target_order(g, target.size(0));
   FMF_DISPATCH_FLOAT(pred.scalar_type(), "point_mask_loss_cpu", [&] {
     const scalar_t* logits = pred.const_data_ptr<scalar_t>();
     const void* targets = target.const_data_ptr();
     visit_mask_kind(kind, [&](auto k) {
       at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
         Chunk chunk;
-        for (int64_t n = begin; n < end; ++n) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t n = order[i];
           for (int64_t p0 = 0; p0 < g.P; p0 += kChunk) {
             const int64_t m = std::min(kChunk, g.P - p0);
             load_chunk<scalar_t, decltype(k)::value>(g, logits, targets, points, n, p0, m, chunk);
