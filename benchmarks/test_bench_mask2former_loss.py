@@ -46,4 +46,4 @@ def test_mask2former_criterion(benchmark, B, variant):
     masks = torch.randn(L, B, Q, CROP // 4, CROP // 4, generator=g).to(DEVICE).requires_grad_()
     targets = [{"labels": torch.randint(0, K, (TARGETS,), generator=g).to(DEVICE),
                 "masks": (torch.rand(TARGETS, CROP, CROP, generator=g) > 0.5).to(DEVICE)} for _ in range(B)]
-    run_and_time(benchmark, variant, criterion_step(make_criterion(variant), logits, masks, targets), rounds=3)
+    run_and_time(benchmark, variant, criterion_step(make_criterion(variant), logits, masks, targets), rounds=5)
