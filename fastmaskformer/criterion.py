@@ -131,6 +131,8 @@ def _rows_of_one_tensor(masks: Sequence[torch.Tensor]):
     if base is None or not base.is_contiguous() or first.dim() != 4 or first.numel() == 0:
         return None
     h, w = first.shape[-2:]
+    if base.numel() % (h * w):
+        return None
     layout = []
     for m in masks:
         offset, (sb, sq, sh, sw) = m.storage_offset() - base.storage_offset(), m.stride()

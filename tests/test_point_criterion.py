@@ -237,13 +237,15 @@ def test_fused_loss_of_layers_sliced_from_one_tensor_is_one_call(monkeypatch, la
 
 def test_which_layers_are_rows_of_one_tensor():
     """Any slices whose [h, w] maps are whole rows of one contiguous tensor are (every other query
-    too: a row step of 2); maps of two tensors, transposed maps or every other column are not."""
+    too: a row step of 2); maps of two tensors, transposed maps, every other column, or a tensor that
+    does not split into whole [h, w] rows are not."""
     masks = torch.randn(2, 1, 8, 4, 5)
     flat, layout = criterion_module._rows_of_one_tensor(list(masks[:, :, :4].unbind(0)))
     assert flat.shape == (16, 4, 5) and layout == [(0, 8, 1), (8, 8, 1)]
     assert criterion_module._rows_of_one_tensor(list(masks[:, :, 1::2].unbind(0)))[1] == [(1, 8, 2), (9, 8, 2)]
+    odd = torch.randn(2 * 8 * 4 * 5 + 3)[:320].view(2, 1, 8, 4, 5)  # a base that is not whole rows
     for views in ([masks[0], torch.randn(1, 8, 4, 5)], masks.transpose(-1, -2).unbind(0), masks[..., ::2].unbind(0),
-                  [torch.randn(1, 8, 4, 5)]):
+                  [torch.randn(1, 8, 4, 5)], odd.unbind(0)):
         assert criterion_module._rows_of_one_tensor(list(views)) is None
 
 
