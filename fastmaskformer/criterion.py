@@ -135,9 +135,10 @@ def _rows_of_one_tensor(masks: Sequence[torch.Tensor]):
         return None
     layout = []
     for m in masks:
+        if m._base is not base or m.shape != first.shape:
+            return None
         offset, (sb, sq, sh, sw) = m.storage_offset() - base.storage_offset(), m.stride()
-        if m._base is not base or m.shape != first.shape or (sh, sw) != (w, 1) \
-                or offset % (h * w) or sb % (h * w) or sq % (h * w):
+        if (sh, sw) != (w, 1) or offset % (h * w) or sb % (h * w) or sq % (h * w):
             return None
         layout.append((offset // (h * w), sb // (h * w), sq // (h * w)))
     return base.view(-1, h, w), layout

@@ -245,7 +245,7 @@ def test_which_layers_are_rows_of_one_tensor():
     assert criterion_module._rows_of_one_tensor(list(masks[:, :, 1::2].unbind(0)))[1] == [(1, 8, 2), (9, 8, 2)]
     odd = torch.randn(2 * 8 * 4 * 5 + 3)[:320].view(2, 1, 8, 4, 5)  # a base that is not whole rows
     for views in ([masks[0], torch.randn(1, 8, 4, 5)], masks.transpose(-1, -2).unbind(0), masks[..., ::2].unbind(0),
-                  [torch.randn(1, 8, 4, 5)], odd.unbind(0)):
+                  [torch.randn(1, 8, 4, 5)], odd.unbind(0), [masks[0], masks[1, 0]]):
         assert criterion_module._rows_of_one_tensor(list(views)) is None
 
 
