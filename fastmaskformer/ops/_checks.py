@@ -102,3 +102,13 @@ def check_groups(groups, n: int) -> None:
         raise TypeError(f"groups: expected a list or tuple of ints >= 0 (masks per group), got {groups!r}")
     if sum(groups) != n:
         raise ValueError(f"groups: expected counts summing to the {n} masks, got {list(groups)} (sum {sum(groups)})")
+
+
+def check_row_index(name: str, index, coords: torch.Tensor) -> int:
+    """A row index (int64 or int32 [N], on the device of ``coords``) of the ops that read matched
+    rows in place (point_mask_loss, point_uncertainty): its length. Its values are not read here
+    (that would be a host sync on a GPU): the reference and the native backends raise an IndexError
+    for a row out of range, the Triton backends give that mask NaN and no gradient."""
+    check_tensor(name, index, 1, INDEX_DTYPES)
+    check_same_device(coords=coords, **{name: index})
+    return index.shape[0]

@@ -12,9 +12,10 @@ float32 scalars, also under autocast. With ``pred_index`` / ``target_index`` ([N
 mask n reads row ``pred_index[n]`` of ``pred_masks`` [M, h, w] and row ``target_index[n]`` of
 ``target_masks`` [T, H, W]: the criterion passes a layer's logits [B Q, h, w] and the step's targets
 with the matched rows, so a fused backend gathers no copy of either and its backward writes the
-layer's gradient (zero in unread rows) without an index_put. A row may be read twice. The points are an input: the criterion draws them (importance
-sampling, in PyTorch), so a fused backend that samples, reduces and scatters the gradient into the
-[N, h, w] logits takes the same arguments, and tests can fix them. ``num_masks`` may be a 0-d device
+layer's gradient (zero in unread rows) without an index_put. A row may be read twice. The points
+are an input: the criterion draws them (importance sampling, in PyTorch), so a fused backend that
+samples, reduces and scatters the gradient into the [N, h, w] logits takes the same arguments, and
+tests can fix them. ``num_masks`` may be a 0-d device
 tensor (averaged over ranks), which is never read on the host.
 
 ``groups`` (host ints summing to N) sums consecutive runs of masks separately: the losses are then
@@ -30,7 +31,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ..point_sampling import point_mask_loss as _point_losses, point_sample
-from ._checks import (FLOAT_DTYPES, INDEX_DTYPES, MASK_DTYPES, check_groups, check_num_masks, check_same_device,
+from ._checks import (FLOAT_DTYPES, MASK_DTYPES, check_groups, check_num_masks, check_row_index, check_same_device,
                       check_tensor)
 from ._dispatch import Op
 
@@ -62,12 +63,12 @@ def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_
     check_tensor("target_masks", target_masks, 3, MASK_DTYPES)
     check_tensor("coords", coords, 3, FLOAT_DTYPES)
     check_same_device(pred_masks=pred_masks, target_masks=target_masks, coords=coords)
-    N = pred_masks.shape[0] if pred_index is None else _check_index("pred_index", pred_index, coords)
+    N = pred_masks.shape[0] if pred_index is None else check_row_index("pred_index", pred_index, coords)
     if target_index is None:
         if target_masks.shape[0] != N:
             raise ValueError(f"target_masks: expected {N} masks (one per prediction), got shape "
                              f"{tuple(target_masks.shape)}")
-    elif _check_index("target_index", target_index, coords) != N:
+    elif check_row_index("target_index", target_index, coords) != N:
         raise ValueError(f"target_index: expected shape [{N}] (one row per prediction), got "
                          f"{tuple(target_index.shape)}")
     if coords.shape[0] != N or coords.shape[2] != 2 or coords.shape[1] < 1:
@@ -78,15 +79,6 @@ def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_
                          f"{tuple(target_masks.shape[-2:])}")
     check_num_masks(num_masks)
     check_groups(groups, N)
-
-
-def _check_index(name: str, index, coords) -> int:
-    """A row index's length. Its values are not read here (that would be a host sync on a GPU): the
-    reference and the native backend raise an IndexError for a row out of range, the Triton backend
-    gives that mask NaN statistics (so NaN losses) and no gradient."""
-    check_tensor(name, index, 1, INDEX_DTYPES)
-    check_same_device(coords=coords, **{name: index})
-    return index.shape[0]
 
 
 point_mask_loss = Op("point_mask_loss", point_mask_loss_reference, check=_check)

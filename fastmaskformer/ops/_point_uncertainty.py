@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..point_sampling import point_sample
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_same_device, check_tensor
+from ._checks import FLOAT_DTYPES, check_row_index, check_same_device, check_tensor
 from ._dispatch import Op
 
 
@@ -42,11 +42,8 @@ def _check(logits, coords, index=None, **_):
         if logits.shape[0] != N:
             raise ValueError(f"logits: expected {N} masks (one per set of points) when index is not given, got shape "
                              f"{tuple(logits.shape)}")
-    else:
-        check_tensor("index", index, 1, INDEX_DTYPES)
-        check_same_device(logits=logits, index=index)
-        if index.shape[0] != N:
-            raise ValueError(f"index: expected shape [{N}] (one row per set of points), got {tuple(index.shape)}")
+    elif check_row_index("index", index, coords) != N:
+        raise ValueError(f"index: expected shape [{N}] (one row per set of points), got {tuple(index.shape)}")
     if N and coords.shape[1] and 0 in logits.shape[-2:]:
         raise ValueError(f"logits: empty spatial size {tuple(logits.shape[-2:])}")
 

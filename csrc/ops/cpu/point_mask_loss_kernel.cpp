@@ -33,6 +33,7 @@
 #include "fmf/checks.h"
 #include "fmf/dtypes.h"
 #include "fmf/point_chunk.h"
+#include "fmf/row_index.h"
 
 namespace fmf {
 namespace {
@@ -119,28 +120,6 @@ struct Inputs {
   at::Tensor pred_index, target_index;
 };
 
-at::Tensor check_rows(const std::optional<at::Tensor>& index, const char* name, int64_t N, int64_t rows,
-                      const char* of) {
-  if (!index.has_value()) {
-    TORCH_CHECK_VALUE(rows == N, of, ": expected ", N, " masks (one per set of points) when ", name,
-                      " is not given, got ", rows);
-    return at::Tensor();
-  }
-  const at::Tensor& i = *index;
-  TORCH_CHECK_VALUE(i.dim() == 1 && i.size(0) == N, name, ": expected shape [", N, "] (one row per set of points), got ",
-                    i.sizes());
-  TORCH_CHECK_TYPE(i.scalar_type() == at::kLong || i.scalar_type() == at::kInt, name,
-                   ": expected dtype int64 or int32, got ", i.scalar_type());
-  TORCH_CHECK_VALUE(i.device().type() == at::kCPU, name, ": expected a tensor on cpu, got one on ", i.device());
-  at::Tensor rows_of = i.to(at::kLong).contiguous();
-  const int64_t* r = rows_of.const_data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK_INDEX(r[n] >= 0 && r[n] < rows, name, "[", n, "] = ", r[n], " is out of range for the ", rows,
-                      " rows of ", of);
-  }
-  return rows_of;
-}
-
 Inputs check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_masks, const at::Tensor& coords,
                     const std::optional<at::Tensor>& pred_index, const std::optional<at::Tensor>& target_index) {
   FMF_CHECK_DIM(pred_masks, 3);
@@ -156,8 +135,8 @@ Inputs check_inputs(const at::Tensor& pred_masks, const at::Tensor& target_masks
   TORCH_CHECK_VALUE(coords.size(2) == 2, "coords: expected [N, P, 2] (one set of points per mask), got shape ",
                     coords.sizes());
   Inputs in;
-  in.pred_index = check_rows(pred_index, "pred_index", N, pred_masks.size(0), "pred_masks");
-  in.target_index = check_rows(target_index, "target_index", N, target_masks.size(0), "target_masks");
+  in.pred_index = check_row_index(pred_index, "pred_index", N, pred_masks.size(0), "pred_masks");
+  in.target_index = check_row_index(target_index, "target_index", N, target_masks.size(0), "target_masks");
   TORCH_CHECK_VALUE(N == 0 || (pred_masks.numel() > 0 && target_masks.numel() > 0),
                     "pred_masks/target_masks: expected non-empty mask sizes, got ", pred_masks.sizes(), " and ",
                     target_masks.sizes());

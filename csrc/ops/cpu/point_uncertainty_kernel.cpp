@@ -21,6 +21,7 @@
 #include "fmf/checks.h"
 #include "fmf/dtypes.h"
 #include "fmf/point_chunk.h"
+#include "fmf/row_index.h"
 
 namespace fmf {
 namespace {
@@ -38,24 +39,7 @@ at::Tensor point_uncertainty_cpu(const at::Tensor& logits, const at::Tensor& coo
   const int64_t N = coords.size(0), S = coords.size(1), M = logits.size(0), h = logits.size(1), w = logits.size(2);
   TORCH_CHECK_VALUE(coords.size(2) == 2, "coords: expected [N, S, 2] ((x, y) points per mask), got shape ",
                     coords.sizes());
-  at::Tensor rows;
-  if (index.has_value()) {
-    const at::Tensor& i = *index;
-    TORCH_CHECK_VALUE(i.dim() == 1 && i.size(0) == N, "index: expected shape [", N, "] (one row per mask), got ",
-                      i.sizes());
-    TORCH_CHECK_TYPE(i.scalar_type() == at::kLong || i.scalar_type() == at::kInt,
-                     "index: expected dtype int64 or int32, got ", i.scalar_type());
-    FMF_CHECK_SAME_DEVICE(i, logits);
-    rows = i.to(at::kLong).contiguous();
-    const int64_t* r = rows.const_data_ptr<int64_t>();
-    for (int64_t n = 0; n < N; ++n) {
-      TORCH_CHECK_INDEX(r[n] >= 0 && r[n] < M, "index[", n, "] = ", r[n], " is out of range for the ", M,
-                        " rows of logits");
-    }
-  } else {
-    TORCH_CHECK_VALUE(M == N, "logits: expected ", N, " masks (one per set of points) when index is not given, got ",
-                      M);
-  }
+  const at::Tensor rows = check_row_index(index, "index", N, M, "logits");
   at::Tensor out = at::empty({N, S}, coords.options().dtype(at::kFloat));
   if (N == 0 || S == 0) return out;
   TORCH_CHECK_VALUE(h > 0 && w > 0, "logits: expected a non-empty mask size, got ", logits.sizes());
