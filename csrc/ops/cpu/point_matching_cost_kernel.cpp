@@ -182,17 +182,15 @@ void transpose_row(const scalar_t* x, int64_t map, int64_t w, int64_t nq, int64_
   }
 }
 
-// A block's points on the H x W targets: each point's PointTaps, and for a point whose four corners
-// all lie on the map (the points of the map's interior, nearly all) its top-left corner's offset, the
-// other corners being +1, +W and +W + 1: its read needs no test.
+// A block's points on the H x W targets: each point's PointTaps, and whether all four of its
+// corners lie on the map (the points of the map's interior, nearly all): then its corners are
+// off[0] + {0, 1, W, W + 1} and its read needs no test.
 struct BlockTaps {
   PointTaps taps[kPoints];
-  int64_t corner[kPoints];
   bool inside[kPoints];
 
   void put(int64_t p, const PointTaps& t) {
     taps[p] = t;
-    corner[p] = t.off[0];
     inside[p] = t.off[0] >= 0 && t.off[1] >= 0 && t.off[2] >= 0 && t.off[3] >= 0;
   }
 };
@@ -203,7 +201,7 @@ template <class Read>
 inline float read_point(const BlockTaps& bt, int64_t p, int64_t W, Read read) {
   if (!bt.inside[p]) return sample_at(bt.taps[p], read);
   const PointTaps& t = bt.taps[p];
-  const int64_t c = bt.corner[p];
+  const int64_t c = t.off[0];
   return t.w[0] * read(c) + t.w[1] * read(c + 1) + t.w[2] * read(c + W) + t.w[3] * read(c + W + 1);
 }
 
@@ -247,41 +245,44 @@ inline int64_t row_bucket(float cy, int64_t h) {
 }
 
 // The points in the order of the prediction rows they fall in (a stable counting sort on their
-// buckets). A block of consecutive points then reads a band of a few rows of the logits (which the
-// ring holds) and of each target (which stays in cache), where points in their random order would
-// pull every map whole through the cache once per block. The sums over points are the same up to
-// rounding in another order.
-std::vector<int64_t> row_order(const float* coords, int64_t P, int64_t h) {
-  std::vector<int64_t> start(h + 3, 0), bucket(P), order(P);
+// buckets), and their buckets in that order. A block of consecutive points then reads a band of a
+// few rows of the logits (which the ring holds) and of each target (which stays in cache), where
+// points in their random order would pull every map whole through the cache once per block. The
+// sums over points are the same up to rounding in another order.
+struct RowOrder {
+  std::vector<int64_t> point, bucket;
+};
+
+RowOrder row_order(const float* coords, int64_t P, int64_t h) {
+  std::vector<int64_t> start(h + 3, 0), bucket(P);
+  RowOrder sorted{std::vector<int64_t>(P), std::vector<int64_t>(P)};
   for (int64_t p = 0; p < P; ++p) {
     bucket[p] = row_bucket(coords[2 * p + 1], h);
     ++start[bucket[p] + 1];
   }
   for (int64_t r = 0; r < h + 2; ++r) start[r + 1] += start[r];
-  for (int64_t p = 0; p < P; ++p) order[start[bucket[p]]++] = p;
-  return order;
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t k = start[bucket[p]]++;
+    sorted.point[k] = p, sorted.bucket[k] = bucket[p];
+  }
+  return sorted;
 }
 
-// The rows [first, last] of an M-row map that the block of sorted points [p0, p0 + points) reads,
-// clamped to the map. The points are sorted by their bucket on the h-row logits, in which a point of
-// bucket b has y in [(b - 1) / h, b / h): at M rows its taps lie in rows floor((b - 1) M / h - 1/2) to
-// floor(b M / h - 1/2) + 1.
-RowBand rows_read(const float* coords, const std::vector<int64_t>& order, int64_t p0, int64_t points, int64_t h,
-                  int64_t M) {
-  const double first = static_cast<double>(row_bucket(coords[2 * order[p0] + 1], h) - 1);
-  const double last = static_cast<double>(row_bucket(coords[2 * order[p0 + points - 1] + 1], h));
-  const auto row = [&](double b) { return static_cast<int64_t>(std::floor(b * M / h - 0.5)); };
-  return {std::clamp<int64_t>(row(first), 0, M - 1), std::clamp<int64_t>(row(last) + 1, 0, M - 1)};
+// The rows [first, last] of an M-row target map that the sorted points [p0, p1) read, clamped to the
+// map: a point of bucket b has y in [(b - 1) / h, b / h), so at M rows its taps lie in rows
+// floor((b - 1) M / h - 1/2) to floor(b M / h - 1/2) + 1.
+RowBand rows_read(const std::vector<int64_t>& bucket, int64_t p0, int64_t p1, int64_t h, int64_t M) {
+  const auto row = [&](int64_t b) { return static_cast<int64_t>(std::floor(static_cast<double>(b) * M / h - 0.5)); };
+  return {std::clamp<int64_t>(row(bucket[p0] - 1), 0, M - 1), std::clamp<int64_t>(row(bucket[p1 - 1]) + 1, 0, M - 1)};
 }
 
 // Ends of the blocks of the sorted points: at most kPoints points and kBuckets buckets each.
-std::vector<int64_t> block_ends(const float* coords, const std::vector<int64_t>& order, int64_t h) {
+std::vector<int64_t> block_ends(const std::vector<int64_t>& bucket) {
   std::vector<int64_t> ends;
-  const int64_t P = static_cast<int64_t>(order.size());
+  const int64_t P = static_cast<int64_t>(bucket.size());
   for (int64_t p0 = 0; p0 < P;) {
-    const int64_t first = row_bucket(coords[2 * order[p0] + 1], h);
     int64_t p1 = p0 + 1;
-    while (p1 < P && p1 - p0 < kPoints && row_bucket(coords[2 * order[p1] + 1], h) - first < kBuckets) ++p1;
+    while (p1 < P && p1 - p0 < kPoints && bucket[p1] - bucket[p0] < kBuckets) ++p1;
     ends.push_back(p1);
     p0 = p1;
   }
@@ -313,17 +314,18 @@ void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weight
   float* sgt = bce + NP * R;
 
   const float* coords = in.coords.data_ptr<float>() + task.b * P * 2;
-  const std::vector<int64_t> order = row_order(coords, P, h);
-  const std::vector<int64_t> ends = block_ends(coords, order, h);
+  const RowOrder sorted = row_order(coords, P, h);
+  const std::vector<int64_t>& order = sorted.point;
+  const std::vector<int64_t> ends = block_ends(sorted.bucket);
   const scalar_t* x = base.masks.data_ptr<scalar_t>() + (task.b * Q + task.q0) * h * w;
-  RowBand tgt_band = rows_read(coords, order, 0, ends[0], h, img.H);
+  RowBand tgt_band = rows_read(sorted.bucket, 0, ends[0], h, img.H);
   const int64_t blocks = static_cast<int64_t>(ends.size());
   for (int64_t k = 0, p0 = 0; k < blocks; p0 = ends[k++]) {
     const int64_t points = ends[k] - p0;
     // The target rows of the next block that this one does not read, fetched while it computes.
     RowBand tgt_next{0, -1};
     if (k + 1 < blocks) {
-      const RowBand tb = rows_read(coords, order, ends[k], ends[k + 1] - ends[k], h, img.H);
+      const RowBand tb = rows_read(sorted.bucket, ends[k], ends[k + 1], h, img.H);
       tgt_next = {std::max(tb.first, tgt_band.last + 1), tb.last};
       tgt_band = tb;
     }
