@@ -22,7 +22,7 @@ outputs get the same losses with suffix ``_i``. Losses are returned unweighted; 
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -227,17 +227,8 @@ class SetCriterion(nn.Module):
             loss_mask, loss_dice = ops.mask_loss(masks[image, src], target_masks, num_masks, self.focal_alpha,
                                                  self.focal_gamma, backend=backend)
         elif self._in_place():
-            # The matched rows of the layer's logits and of the step's targets are read where they lie:
-            # no gathered copy of either, and the backward writes the layer's gradient directly instead
-            # of a gradient of the copy that an index_put then scatters into zeros.
-            flat, rows = masks.flatten(0, 1), image * masks.shape[1] + src
-            source = flat.detach()
-            coords = importance_points(rows.shape[0], self.num_points, self.oversample_ratio,
-                                       self.importance_sample_ratio,
-                                       lambda c: ops.point_uncertainty(source, c, rows, backend=backend), flat.device,
-                                       generator_for(self.generator, flat.device))
-            loss_mask, loss_dice = ops.point_mask_loss(flat, step.masks, coords, num_masks, pred_index=rows,
-                                                       target_index=tgt, backend=backend)
+            loss_mask, loss_dice = self._point_losses_in_place(masks.flatten(0, 1), [image * masks.shape[1] + src],
+                                                               step.masks, tgt, num_masks)
         else:
             pred = masks[image, src]
             coords = uncertain_point_coords(pred[:, None], self.num_points, self.oversample_ratio,
@@ -277,8 +268,13 @@ class SetCriterion(nn.Module):
                 [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])])
         stacked = _rows_of_one_tensor([layer["pred_masks"] for layer in layers]) \
             if "masks" in self.losses and self._in_place() else None
-        if stacked is not None:
-            every_mask, every_dice = self._point_losses_of_every_layer(*stacked, step, matches, num_masks)
+        if stacked is not None:  # every layer's point losses in one call: one gradient of the whole tensor
+            flat, layout = stacked
+            rows = [start + matches.layer(i)[0] * image_step + matches.layer(i)[1] * query_step
+                    for i, (start, image_step, query_step) in enumerate(layout)]
+            groups = [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])]
+            every_mask, every_dice = self._point_losses_in_place(flat, rows, step.masks, matches.target, num_masks,
+                                                                 groups)
         losses: Dict[str, torch.Tensor] = {}
         for i, layer in enumerate(layers):
             suffix = "" if i == 0 else f"_{i - 1}"
@@ -293,28 +289,26 @@ class SetCriterion(nn.Module):
                 losses.update({k + suffix: v for k, v in out.items()})
         return losses
 
-    def _point_losses_of_every_layer(self, flat: torch.Tensor, layout: List[Tuple[int, int, int]],
-                                     step: _StepTargets, matches: _Matches, num_masks):
-        """The point losses of every layer in one call (the fused path, when the layers' logits are
-        slices of one tensor, :func:`_rows_of_one_tensor`): each layer's points drawn as
-        :meth:`_loss_masks` draws them, in layer order, into one [N, P, 2] tensor; the matched rows of
-        ``flat`` and of the step's targets read in place; one group of losses per layer. The backward
-        writes the one gradient of ``flat``, where a call per layer would write one per layer for
-        autograd to stack."""
+    def _point_losses_in_place(self, flat: torch.Tensor, rows: Sequence[torch.Tensor], target_masks: torch.Tensor,
+                               target_index: torch.Tensor, num_masks, groups: Optional[List[int]] = None):
+        """The fused point losses of the matched masks ``rows`` (one index tensor per layer) of the
+        logits ``flat`` [M, h, w] against rows ``target_index`` of ``target_masks``, all read where
+        they lie: no gathered copy of either, and the backward writes ``flat``'s gradient directly
+        instead of a gradient of a copy that an index_put scatters into zeros. Each layer's points are
+        drawn as the reference draws them, in layer order, into one [N, P, 2] tensor. ``groups``: one
+        loss per layer (ops.point_mask_loss's groups)."""
         backend, device = ops.backend_for(self.fused), flat.device
         source, generator = flat.detach(), generator_for(self.generator, device)
-        coords = torch.empty(matches.bounds[-1], self.num_points, 2, device=device)
-        rows = []
-        for i, (start, image_step, query_step) in enumerate(layout):
-            image, src, _ = matches.layer(i)
-            lo, hi = matches.bounds[i], matches.bounds[i + 1]
-            rows.append(start + image * image_step + src * query_step)
+        coords = torch.empty(sum(r.shape[0] for r in rows), self.num_points, 2, device=device)
+        lo = 0
+        for r in rows:
+            hi = lo + r.shape[0]
             importance_points(hi - lo, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
-                              lambda c, r=rows[-1]: ops.point_uncertainty(source, c, r, backend=backend), device,
-                              generator, out=coords[lo:hi])
-        groups = [hi - lo for lo, hi in zip(matches.bounds[:-1], matches.bounds[1:])]
-        return ops.point_mask_loss(flat, step.masks, coords, num_masks, pred_index=torch.cat(rows),
-                                   target_index=matches.target, groups=groups, backend=backend)
+                              lambda c, r=r: ops.point_uncertainty(source, c, r, backend=backend), device, generator,
+                              out=coords[lo:hi])
+            lo = hi
+        return ops.point_mask_loss(flat, target_masks, coords, num_masks, pred_index=torch.cat(list(rows)),
+                                   target_index=target_index, groups=groups, backend=backend)
 
     def extra_repr(self) -> str:
         points = (f", num_points={self.num_points}, oversample_ratio={self.oversample_ratio}, "
