@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._common import plain_op, wrap_triton
 from .ms_deform_attn import _point
-from .point_mask_loss import _read, _row
+from .point_mask_loss import _points_per_block, _read, _row
 
 
 @triton.jit(do_not_specialize=["S", "h", "w", "M"])
@@ -31,11 +31,6 @@ def _uncertainty_kernel(logits, coords, index, out, S, h, w, M, blocks, s_n, s_h
     x0, y0, fx, fy, inside = _point(xy, sc_xy, h, w, valid & ok)
     x = _read(logits + row * s_n, x0, y0, fx, fy, inside, h, w, s_h, s_w)
     tl.store(out + n * S + p, tl.where(ok, -tl.abs(x), float("nan")), mask=valid)
-
-
-def _points_per_block(S: int) -> int:
-    """1024 points per program (4 warps) unless S is smaller; not timed on a GPU yet."""
-    return max(16, min(1024, triton.next_power_of_2(S)))
 
 
 def _point_uncertainty(logits: torch.Tensor, coords: torch.Tensor,
