@@ -299,7 +299,7 @@ class SetCriterion(nn.Module):
         loss per layer (ops.point_mask_loss's groups)."""
         backend, device = ops.backend_for(self.fused), flat.device
         source, generator = flat.detach(), generator_for(self.generator, device)
-        coords = torch.empty(sum(r.shape[0] for r in rows), self.num_points, 2, device=device)
+        coords = torch.empty(sum(r.shape[0] for r in rows), self.num_points, 2, device=device, dtype=torch.float32)
         lo = 0
         for r in rows:
             hi = lo + r.shape[0]

@@ -41,7 +41,7 @@ def _uniform(*size: int, device: Optional[torch.device], generator: Optional[tor
     """torch.rand, run eagerly under torch.compile: Dynamo cannot draw a tensor whose size depends on
     the data (the number of matched masks changes every step: "SymIntArrayRef expected to contain
     only concrete integers"), so a compiled loss breaks its graph around the draw instead of failing."""
-    return torch.rand(*size, device=device, generator=generator)
+    return torch.rand(*size, device=device, generator=generator, dtype=torch.float32)
 
 
 def random_point_coords(n: int, num_points: int, device: Optional[torch.device] = None,
@@ -90,12 +90,22 @@ def importance_points(n: int, num_points: int, oversample_ratio: float, importan
     points into (a slice of every layer's points). Arguments are not checked here."""
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
+    if out is None:
+        out = torch.empty(n, num_points, 2, device=device, dtype=torch.float32)
     with torch.no_grad():
         candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
         idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
-        chosen = candidates.gather(1, idx[..., None].expand(-1, -1, 2))
-        fresh = _uniform(n, num_points - num_uncertain, 2, device=device, generator=generator)
-        return torch.cat((chosen, fresh), 1) if out is None else torch.cat((chosen, fresh), 1, out=out)
+        # Each (x, y) pair moved as one 8-byte element: one gather of [n, k] straight into the
+        # output, where gathering the pairs as floats needs a [n, k, 2] index and then a copy.
+        torch.gather(_pairs(candidates), 1, idx, out=_pairs(out).narrow(1, 0, num_uncertain))
+        out.narrow(1, num_uncertain, num_points - num_uncertain).copy_(
+            _uniform(n, num_points - num_uncertain, 2, device=device, generator=generator))
+    return out
+
+
+def _pairs(points: torch.Tensor) -> torch.Tensor:
+    """float32 [n, S, 2] (x, y) points, each pair read as one int64: [n, S], a view."""
+    return points.view(torch.int64)[..., 0]
 
 
 def point_mask_cost(pred_logits_points: torch.Tensor, target_points: torch.Tensor

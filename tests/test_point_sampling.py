@@ -54,6 +54,24 @@ def test_uncertain_point_coords_follows_the_official_recipe(num_points, oversamp
     assert torch.equal(out[:, k:], fresh)
 
 
+def test_uncertain_point_coords_float32_under_a_float64_default():
+    # The top-k's gather moves each (x, y) pair as one 8-byte word: the points must be float32 even
+    # where torch.rand would otherwise draw float64.
+    logits = torch.randn(2, 1, 5, 5)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = uncertain_point_coords(logits, 6, generator=torch.Generator().manual_seed(2))
+    finally:
+        torch.set_default_dtype(previous)
+    g = torch.Generator().manual_seed(2)
+    candidates = torch.rand(2, 18, 2, generator=g, dtype=torch.float32)
+    fresh = torch.rand(2, 2, 2, generator=g, dtype=torch.float32)
+    assert out.dtype == torch.float32 and torch.equal(out[:, 4:], fresh)
+    for n in range(2):  # the kept candidates are candidates of that mask
+        assert set(map(tuple, out[n, :4].tolist())) <= set(map(tuple, candidates[n].tolist()))
+
+
 def test_uncertain_point_coords_global_rng_and_no_grad():
     logits = torch.randn(2, 1, 4, 4, requires_grad=True)
     torch.manual_seed(3)
