@@ -37,41 +37,60 @@ inline f32x8 floor8(const f32x8& v) {
 
 inline simd::i32x8 clamp8(const simd::i32x8& i, int32_t hi) { return i < 0 ? 0 : (i > hi ? hi : i); }
 
-// Taps of points [0, m) of xy ((x, y) pairs) on an H x W map: fmf/ms_deform_attn.h's corners_at
-// (the reference's fp32 arithmetic on 2 coords - 1, the same cut-off far outside) 8 points at a time.
-// No FMA contraction here: a fused (g + 1) * W/2 - 1/2 can round a point on a pixel centre to the
-// other side of it.
-FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
+// The taps of 8 points (x in lx, y in ly) on an H x W map, in registers: corner k's weight w[k]
+// (corner k = 2 dy + dx, zero off the map) and the clamped rows and columns. fmf/ms_deform_attn.h's
+// corners_at: the reference's fp32 arithmetic on 2 coords - 1, the same cut-off far outside. Its
+// callers compile without FMA contraction: a fused (g + 1) * W/2 - 1/2 can round a point on a pixel
+// centre to the other side of it.
+struct Taps8 {
+  f32x8 w[4];
+  simd::i32x8 xa, xb, ya, yb;
+};
+
+inline __attribute__((always_inline)) Taps8 taps8(const f32x8& lx, const f32x8& ly, int64_t H, int64_t W) {
   const float Wf = static_cast<float>(W), Hf = static_cast<float>(H), half_w = Wf * 0.5f, half_h = Hf * 0.5f;
+  f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
+  const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
+  x = inside ? x : -2.f, y = inside ? y : -2.f;
+  const f32x8 x0 = floor8(x), y0 = floor8(y), fx = x - x0, fy = y - y0;
+  const simd::i32x8 cx = __builtin_convertvector(x0, simd::i32x8), cy = __builtin_convertvector(y0, simd::i32x8);
+  const int32_t w1 = static_cast<int32_t>(W) - 1, h1 = static_cast<int32_t>(H) - 1;
+  const auto vx0 = (cx >= 0) & (cx <= w1), vx1 = (cx >= -1) & (cx < w1);
+  const auto vy0 = (cy >= 0) & (cy <= h1), vy1 = (cy >= -1) & (cy < h1);
+  const f32x8 zero{};
+  return {{(vx0 & vy0) ? (1.f - fx) * (1.f - fy) : zero, (vx1 & vy0) ? fx * (1.f - fy) : zero,
+           (vx0 & vy1) ? (1.f - fx) * fy : zero, (vx1 & vy1) ? fx * fy : zero},
+          clamp8(cx, w1),
+          clamp8(cx + 1, w1),
+          clamp8(cy, h1),
+          clamp8(cy + 1, h1)};
+}
+
+// Points [i, i + 8) of xy ((x, y) pairs, m in all) as x and y vectors: two loads split by shuffles,
+// or lane by lane at the tail (-1, far off the map, past m).
+inline __attribute__((always_inline)) void load_xy8(const float* xy, int64_t i, int64_t m, f32x8& lx, f32x8& ly) {
+  if (i + kLanes <= m) {
+    const f32x8 a = simd::load(xy + 2 * i), b = simd::load(xy + 2 * i + kLanes);
+    lx = __builtin_shuffle(a, b, simd::i32x8{0, 2, 4, 6, 8, 10, 12, 14});
+    ly = __builtin_shuffle(a, b, simd::i32x8{1, 3, 5, 7, 9, 11, 13, 15});
+  } else {
+    for (int j = 0; j < kLanes; ++j) {
+      const bool in = i + j < m;
+      lx[j] = in ? xy[2 * (i + j)] : -1.f;
+      ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
+    }
+  }
+}
+
+// Taps of points [0, m) of xy on an H x W map, 8 points at a time.
+FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
   for (int64_t i = 0; i < m; i += kLanes) {
     f32x8 lx, ly;
-    if (i + kLanes <= m) {  // 8 (x, y) pairs: two loads, split into x and y
-      const f32x8 a = simd::load(xy + 2 * i), b = simd::load(xy + 2 * i + kLanes);
-      lx = __builtin_shuffle(a, b, simd::i32x8{0, 2, 4, 6, 8, 10, 12, 14});
-      ly = __builtin_shuffle(a, b, simd::i32x8{1, 3, 5, 7, 9, 11, 13, 15});
-    } else {
-      for (int j = 0; j < kLanes; ++j) {
-        const bool in = i + j < m;
-        lx[j] = in ? xy[2 * (i + j)] : -1.f;
-        ly[j] = in ? xy[2 * (i + j) + 1] : -1.f;
-      }
-    }
-    f32x8 x = ((2.f * lx - 1.f) + 1.f) * half_w - 0.5f, y = ((2.f * ly - 1.f) + 1.f) * half_h - 0.5f;
-    const auto inside = (x > -2.f) & (y > -2.f) & (x < Wf + 1.f) & (y < Hf + 1.f);
-    x = inside ? x : -2.f, y = inside ? y : -2.f;
-    const f32x8 x0 = floor8(x), y0 = floor8(y), fx = x - x0, fy = y - y0;
-    const simd::i32x8 cx = __builtin_convertvector(x0, simd::i32x8), cy = __builtin_convertvector(y0, simd::i32x8);
-    const int32_t w1 = static_cast<int32_t>(W) - 1, h1 = static_cast<int32_t>(H) - 1;
-    const auto vx0 = (cx >= 0) & (cx <= w1), vx1 = (cx >= -1) & (cx < w1);
-    const auto vy0 = (cy >= 0) & (cy <= h1), vy1 = (cy >= -1) & (cy < h1);
-    const f32x8 zero{};
-    simd::store(taps.w[0] + i, (vx0 & vy0) ? (1.f - fx) * (1.f - fy) : zero);
-    simd::store(taps.w[1] + i, (vx1 & vy0) ? fx * (1.f - fy) : zero);
-    simd::store(taps.w[2] + i, (vx0 & vy1) ? (1.f - fx) * fy : zero);
-    simd::store(taps.w[3] + i, (vx1 & vy1) ? fx * fy : zero);
-    const simd::i32x8 xa = clamp8(cx, w1), xb = clamp8(cx + 1, w1), ya = clamp8(cy, h1), yb = clamp8(cy + 1, h1);
-    std::memcpy(taps.xa + i, &xa, sizeof xa), std::memcpy(taps.xb + i, &xb, sizeof xb);
-    std::memcpy(taps.ya + i, &ya, sizeof ya), std::memcpy(taps.yb + i, &yb, sizeof yb);
+    load_xy8(xy, i, m, lx, ly);
+    const Taps8 t = taps8(lx, ly, H, W);
+    for (int k = 0; k < 4; ++k) simd::store(taps.w[k] + i, t.w[k]);
+    std::memcpy(taps.xa + i, &t.xa, sizeof t.xa), std::memcpy(taps.xb + i, &t.xb, sizeof t.xb);
+    std::memcpy(taps.ya + i, &t.ya, sizeof t.ya), std::memcpy(taps.yb + i, &t.yb, sizeof t.yb);
   }
 }
 
