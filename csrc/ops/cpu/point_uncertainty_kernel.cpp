@@ -6,8 +6,9 @@
 // the abs and negation as two more [N, S] tensors; here the matched rows are read in place (row
 // index[n] of the layer's logits) and the one [N, S] output is written once.
 //
-// Parallel over masks, chunks of fmf/point_chunk.h's kChunk points: their taps 8 at a time, then the
-// gather.
+// Parallel over masks. fp32 maps with unit column stride on a CPU with AVX2 (the criterion's case):
+// 8 points at a time, their taps in registers and their corners read by vector gathers. Otherwise
+// chunks of fmf/point_chunk.h's kChunk points: their taps 8 at a time, then a scalar gather.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
