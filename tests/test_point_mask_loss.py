@@ -197,6 +197,33 @@ def test_native_is_deterministic_across_thread_counts(device):
     assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(g, g2)
 
 
+@pytest.mark.parametrize("target_dtype", [torch.bool, torch.uint8], ids=str)
+@pytest.mark.parametrize("device", NATIVE)
+def test_native_vector_gathers_equal_the_scalar_reads(device, target_dtype):
+    """fp32 logits and byte targets with unit column stride take the vector-gather loads (on a CPU
+    with AVX2); the same values with a column stride of 2 take the scalar reads. Both give the same
+    bits. The targets start 1 byte into their storage with 5 x 7 maps, so their rows sit at every
+    byte alignment (each gather lane reads the aligned word holding its byte), and the points
+    include the maps' last pixel."""
+    N, h, w, H, W, P = 4, 9, 11, 5, 7, 301
+    x = _logits(N, h, w, device)
+    t = _masks(N + 1, H, W, device, target_dtype)[1:]
+    assert t.storage_offset() % 4 != 0
+    c = _coords(N, P, h, w, H, W, device)
+    c[:, -1] = torch.tensor([1.0 - 0.5 / W, 1.0 - 0.5 / H])
+    x_wide = torch.zeros(N, h, 2 * w, device=device)
+    x_wide[..., ::2] = x
+    t_wide = torch.zeros(N, H, 2 * W, dtype=target_dtype, device=device)
+    t_wide[..., ::2] = t
+    (a, b), g = _run("native", x, t, c)
+    (a2, b2), g2 = _run("native", x_wide[..., ::2], t_wide[..., ::2], c)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(g, g2)
+    (ref_a, ref_b), ref_g = _run("reference", x, t, c)
+    assert_close(a, ref_a, what="loss_mask")
+    assert_close(b, ref_b, what="loss_dice")
+    assert_close(g, ref_g, what="d/d(pred_masks)", grad=True)
+
+
 def _rows_case(device, index_dtype=torch.int64):
     """A layer's logits [M, h, w] and the step's targets [T, H, W] with N = 5 masks reading rows of
     each, one logit row twice and some rows never."""

@@ -92,6 +92,17 @@ def test_strided_inputs_and_half_coords(backend, device):
     _check(backend, x, c.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("device", [c.values[1] for c in CASES if c.values[0] == "native"])
+def test_native_vector_gathers_equal_the_scalar_reads(device):
+    """fp32 logits with unit column stride take the vector-gather path (on a CPU with AVX2), the
+    same values with a column stride of 2 the scalar one: the same bits, at S not a multiple of 8."""
+    x, c = _logits(3, 9, 11, device), _coords(3, 203, 9, 11, 9, 11, device)
+    wide = torch.zeros(3, 9, 22, device=device)
+    wide[..., ::2] = x
+    index = torch.tensor([2, 0, 2], device=device)
+    assert torch.equal(OP(x, c, index, backend="native"), OP(wide[..., ::2], c, index, backend="native"))
+
+
 @pytest.mark.parametrize("backend,device", CASES)
 def test_empty(backend, device):
     x = _logits(4, 5, 6, device)

@@ -29,6 +29,10 @@ inline void check_float_dtype(c10::ScalarType dtype, const char* what) {
 
 enum class MaskKind : int32_t { kByte, kFloat, kHalf, kBFloat16 };
 
+// Bytes per element of a mask buffer of kind K.
+template <MaskKind K>
+constexpr int64_t kMaskBytes = K == MaskKind::kByte ? 1 : K == MaskKind::kFloat ? 4 : 2;
+
 // `what` names the argument in the error for an unsupported dtype.
 inline MaskKind mask_kind(c10::ScalarType dtype, const char* what) {
   switch (dtype) {

@@ -9,8 +9,17 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "fmf/simd.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define FMF_AVX2_GATHER 1
+// A function whose loads of scattered points are AVX2 gathers (x86-64-v3: AVX2 and FMA), compiled
+// without FMA contraction (see taps8); call it only where avx2_gather_available().
+#define FMF_AVX2_GATHER_FN __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=off")))
+#endif
 
 namespace fmf {
 namespace point_chunk {
@@ -81,6 +90,46 @@ inline __attribute__((always_inline)) void load_xy8(const float* xy, int64_t i, 
     }
   }
 }
+
+#ifdef FMF_AVX2_GATHER
+inline bool avx2_gather_available() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+// Whether every element offset of a map of `rows` rows `row_stride` elements apart and `cols`
+// columns (unit column stride), plus `slack`, fits the int32 lanes of a gather.
+inline bool gather_offsets_fit(int64_t rows, int64_t row_stride, int64_t cols, int64_t slack = 0) {
+  return (rows - 1) * row_stride + cols + slack <= std::numeric_limits<int32_t>::max();
+}
+
+// map[offset[j]] for fp32 elements.
+FMF_AVX2_GATHER_FN inline __attribute__((always_inline)) f32x8 gather_f32(const float* map, const simd::i32x8& offset) {
+  return reinterpret_cast<f32x8>(_mm256_i32gather_ps(map, reinterpret_cast<__m256i>(offset), 4));
+}
+
+// bytes[offset[j]] as floats (0 to 255), for byte elements. Each lane reads the aligned 4-byte word
+// that holds its byte: a word never crosses a page, so no read can fault past the buffer's end.
+FMF_AVX2_GATHER_FN inline __attribute__((always_inline)) f32x8 gather_u8(const uint8_t* bytes,
+                                                                         const simd::i32x8& offset) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(bytes);
+  const simd::i32x8 at = offset + static_cast<int32_t>(address & 3);  // from the word below bytes
+  const int* words = reinterpret_cast<const int*>(address & ~uintptr_t{3});
+  const simd::i32x8 word = reinterpret_cast<simd::i32x8>(
+      _mm256_i32gather_epi32(words, reinterpret_cast<__m256i>(at & ~3), 1));
+  return __builtin_convertvector((word >> ((at & 3) * 8)) & 0xFF, f32x8);
+}
+
+// The bilinear values of 8 points at their taps t on a map with rows row_stride elements apart and
+// unit column stride, read(offset) reading 8 elements; the corners added in grid_sample's order.
+template <class Read>
+FMF_AVX2_GATHER_FN inline __attribute__((always_inline)) f32x8 bilinear8(const Taps8& t, int32_t row_stride,
+                                                                          Read read) {
+  const simd::i32x8 top = t.ya * row_stride, bottom = t.yb * row_stride;
+  return t.w[0] * read(top + t.xa) + t.w[1] * read(top + t.xb) + t.w[2] * read(bottom + t.xa) +
+         t.w[3] * read(bottom + t.xb);
+}
+#endif
 
 // Taps of points [0, m) of xy on an H x W map, 8 points at a time.
 FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {

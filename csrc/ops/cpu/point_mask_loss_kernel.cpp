@@ -7,7 +7,10 @@
 // its own resolution and through its strides (no copy of the full-resolution targets, whose rows
 // are prefetched a chunk ahead of their reads); then an 8-lane vector loop adds the chunk's BCE,
 // s t, s and t (forward) or computes each point's d loss / d x (backward), which is scattered into
-// the point's 4 logit taps.
+// the point's 4 logit taps. fp32 logits and byte targets with unit column stride on a CPU with AVX2
+// (the criterion's case) are read with vector gathers, their taps in registers (load_chunk_gathered).
+// The points land in random order, so while a thread works on one mask it prefetches the next one's
+// logit row, target and gradient row.
 // Never stored: any [N, P] tensor; a thread holds one chunk of points (x, t, gradient, taps).
 //
 // Mask n reads row pred_index[n] of the logits and row target_index[n] of the targets when those
@@ -28,6 +31,7 @@
 #include <algorithm>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "fmf/checks.h"
@@ -73,7 +77,7 @@ void load_chunk(const Geometry& g, const scalar_t* pred, const void* targets, co
   point_taps(xy, m, g.H, g.W, chunk.high);
   const int64_t tgt0 = g.target(n) * g.st_n;
   const char* bytes = static_cast<const char*>(targets);
-  const int64_t size = kKind == MaskKind::kByte ? 1 : kKind == MaskKind::kFloat ? 4 : 2;
+  const int64_t size = kMaskBytes<kKind>;
   for (int64_t i = 0; i < m; ++i) {
     __builtin_prefetch(bytes + (tgt0 + chunk.high.ya[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
     __builtin_prefetch(bytes + (tgt0 + chunk.high.yb[i] * g.st_h + chunk.high.xa[i] * g.st_w) * size);
@@ -83,6 +87,44 @@ void load_chunk(const Geometry& g, const scalar_t* pred, const void* targets, co
          chunk.x);
   gather(chunk.high, m, [&](int64_t y, int64_t x) { return mask_value(targets, tgt0 + y * g.st_h + x * g.st_w, kKind); },
          chunk.t);
+}
+
+#ifdef FMF_AVX2_GATHER
+// load_chunk for fp32 logits and byte targets, both with unit column stride (fast_loads): each 8
+// points' taps in registers, their corners read with AVX2 gathers; only the logits' taps are kept
+// (chunk.low, for the backward's scatter). The same values as load_chunk, bit for bit.
+FMF_AVX2_GATHER_FN void load_chunk_gathered(const Geometry& g, const float* pred, const uint8_t* targets,
+                                            const float* coords, int64_t n, int64_t p0, int64_t m, Chunk& chunk) {
+  const float* xy = coords + (n * g.P + p0) * 2;
+  const float* logits = pred + g.pred(n) * g.sp_n;
+  const uint8_t* target = targets + g.target(n) * g.st_n;
+  for (int64_t i = 0; i < kChunk; i += kLanes) {
+    f32x8 lx, ly;
+    load_xy8(xy, i, m, lx, ly);
+    const Taps8 low = taps8(lx, ly, g.h, g.w);
+    for (int k = 0; k < 4; ++k) simd::store(chunk.low.w[k] + i, low.w[k]);
+    std::memcpy(chunk.low.xa + i, &low.xa, sizeof low.xa), std::memcpy(chunk.low.xb + i, &low.xb, sizeof low.xb);
+    std::memcpy(chunk.low.ya + i, &low.ya, sizeof low.ya), std::memcpy(chunk.low.yb + i, &low.yb, sizeof low.yb);
+    const f32x8 x = bilinear8(low, static_cast<int32_t>(g.sp_h),
+                              [&](const simd::i32x8& offset) { return gather_f32(logits, offset); });
+    const f32x8 t = bilinear8(taps8(lx, ly, g.H, g.W), static_cast<int32_t>(g.st_h),
+                              [&](const simd::i32x8& offset) { return gather_u8(target, offset); });
+    const f32x8 past_m = simd::below(i, m);  // zero past the chunk's end (a NaN logit reads as NaN at weight 0)
+    simd::store(chunk.x + i, past_m != 0.f ? x : f32x8{});
+    simd::store(chunk.t + i, past_m != 0.f ? t : f32x8{});
+  }
+}
+#endif
+
+// Whether for_each_chunk takes load_chunk_gathered.
+bool fast_loads(const Geometry& g, const at::Tensor& pred, const at::Tensor& target) {
+#ifdef FMF_AVX2_GATHER
+  return pred.scalar_type() == at::kFloat && mask_kind(target.scalar_type(), "target_masks") == MaskKind::kByte &&
+         g.sp_w == 1 && g.st_w == 1 && avx2_gather_available() && gather_offsets_fit(g.h, g.sp_h, g.w) &&
+         gather_offsets_fit(g.H, g.st_h, g.W, 3);
+#else
+  return false;
+#endif
 }
 
 // Adds the sums over the first m points of (BCE(x, t), s t, s, t) to acc: the focal loss with
@@ -184,24 +226,68 @@ std::vector<int64_t> target_order(const Geometry& g, int64_t targets) {
   return order;
 }
 
+// Asks the cache for part `part` of `parts` of the rows of a map (rows of row_bytes bytes,
+// row_stride bytes apart), with intent to write if `write`. The points read their maps in random
+// order, so without this every first read of a line waits on memory; spread over the chunks of the
+// mask before, the next mask's maps stream in while it computes.
+inline void prefetch_part(const char* map, int64_t rows, int64_t row_bytes, int64_t row_stride, int64_t part,
+                          int64_t parts, bool write = false) {
+  for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      if (write) {
+        __builtin_prefetch(map + r * row_stride + b, 1);
+      } else {
+        __builtin_prefetch(map + r * row_stride + b);
+      }
+    }
+  }
+}
+
 // Calls on_chunk(n, m, chunk) for the chunks of every mask n in point order, after sampling their
 // m points into chunk, with the logits' dtype and the targets' kind resolved at compile time;
-// parallel over masks (in target_order), `grain` masks at least per thread.
+// parallel over masks (in target_order), `grain` masks at least per thread. While a thread works on
+// one mask it prefetches the next one's logit row, its target (unless the same) and its row of
+// `grad` (the backward's [rows, h, w] output, written; nullptr in the forward).
 template <class OnChunk>
 void for_each_chunk(const Geometry& g, const at::Tensor& pred, const at::Tensor& target,
-                    const float* points, int64_t grain, OnChunk on_chunk) {
+                    const float* points, int64_t grain, OnChunk on_chunk, float* grad = nullptr) {
   const MaskKind kind = mask_kind(target.scalar_type(), "target_masks");
   const std::vector<int64_t> order = target_order(g, target.size(0));
+  [[maybe_unused]] const bool fast = fast_loads(g, pred, target);
   FMF_DISPATCH_FLOAT(pred.scalar_type(), "point_mask_loss_cpu", [&] {
     const scalar_t* logits = pred.const_data_ptr<scalar_t>();
     const void* targets = target.const_data_ptr();
     visit_mask_kind(kind, [&](auto k) {
       at::parallel_for(0, g.N, grain, [&](int64_t begin, int64_t end) {
         Chunk chunk;
+        const int64_t chunks = (g.P + kChunk - 1) / kChunk;
+        const int64_t t_bytes = kMaskBytes<decltype(k)::value>;
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t n = order[i];
-          for (int64_t p0 = 0; p0 < g.P; p0 += kChunk) {
+          const int64_t n = order[i], next = i + 1 < end ? order[i + 1] : -1;
+          for (int64_t p0 = 0, c = 0; p0 < g.P; p0 += kChunk, ++c) {
             const int64_t m = std::min(kChunk, g.P - p0);
+            if (next >= 0) {
+              prefetch_part(reinterpret_cast<const char*>(logits + g.pred(next) * g.sp_n), g.h,
+                            g.w * g.sp_w * sizeof(scalar_t), g.sp_h * sizeof(scalar_t), c, chunks);
+              if (g.target(next) != g.target(n)) {
+                prefetch_part(static_cast<const char*>(targets) + g.target(next) * g.st_n * t_bytes, g.H,
+                              g.W * g.st_w * t_bytes, g.st_h * t_bytes, c, chunks);
+              }
+              if (grad) {
+                prefetch_part(reinterpret_cast<const char*>(grad + g.pred(next) * g.h * g.w), g.h,
+                              g.w * sizeof(float), g.w * sizeof(float), c, chunks, true);
+              }
+            }
+#ifdef FMF_AVX2_GATHER
+            if constexpr (std::is_same_v<scalar_t, float> && decltype(k)::value == MaskKind::kByte) {
+              if (fast) {
+                load_chunk_gathered(g, reinterpret_cast<const float*>(logits), static_cast<const uint8_t*>(targets),
+                                    points, n, p0, m, chunk);
+                on_chunk(n, m, chunk);
+                continue;
+              }
+            }
+#endif
             load_chunk<scalar_t, decltype(k)::value>(g, logits, targets, points, n, p0, m, chunk);
             on_chunk(n, m, chunk);
           }
@@ -259,7 +345,8 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::
                      bottom[taps.xa[i]] += taps.w[2][i] * chunk.g[i];
                      bottom[taps.xb[i]] += taps.w[3][i] * chunk.g[i];
                    }
-                 });
+                 },
+                 out);
   return grad.to(pred_masks.scalar_type());
 }
 

@@ -210,7 +210,7 @@ inline float read_point(const BlockTaps& bt, int64_t p, int64_t W, Read read) {
 template <MaskKind kKind>
 void sample_targets(const ImageTargets& img, const BlockTaps& bt, int64_t points, RowBand next, int64_t cols,
                     float* t, float* one_minus_t, float* col_sums) {
-  constexpr int64_t kBytes = kKind == MaskKind::kByte ? 1 : kKind == MaskKind::kFloat ? 4 : 2;
+  constexpr int64_t kBytes = kMaskBytes<kKind>;
   for (int64_t j = 0; j < img.n; ++j) {
     const int64_t base = j * img.H * img.W;
     if (next.first <= next.last) {

@@ -15,15 +15,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define FMF_HAVE_AVX2_GATHER 1
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 
 #include "fmf/checks.h"
@@ -36,22 +30,17 @@ namespace {
 
 using namespace point_chunk;
 
-#ifdef FMF_HAVE_AVX2_GATHER
+#ifdef FMF_AVX2_GATHER
 // -|x| at the S points of xy on one fp32 h x w map with rows row_stride floats apart and unit column
-// stride, whose element offsets fit in int32: each 8 points' taps in registers (no Taps arrays), and
-// their four corners read with AVX2 gathers.
-__attribute__((target("arch=x86-64-v3"), optimize("fp-contract=off"))) void uncertainty_gathered(
-    const float* map, int32_t row_stride, const float* xy, int64_t S, int64_t h, int64_t w, float* out) {
+// stride (gather_offsets_fit): each 8 points' taps in registers (no Taps arrays), and their four
+// corners read with AVX2 gathers.
+FMF_AVX2_GATHER_FN void uncertainty_gathered(const float* map, int32_t row_stride, const float* xy, int64_t S,
+                                             int64_t h, int64_t w, float* out) {
   for (int64_t i = 0; i < S; i += kLanes) {
     f32x8 lx, ly;
     load_xy8(xy, i, S, lx, ly);
-    const Taps8 t = taps8(lx, ly, h, w);
-    const simd::i32x8 top = t.ya * row_stride, bottom = t.yb * row_stride;
-    const auto read = [&](const simd::i32x8& offset) {
-      return reinterpret_cast<f32x8>(_mm256_i32gather_ps(map, reinterpret_cast<__m256i>(offset), 4));
-    };
-    const f32x8 v = t.w[0] * read(top + t.xa) + t.w[1] * read(top + t.xb) + t.w[2] * read(bottom + t.xa) +
-                    t.w[3] * read(bottom + t.xb);
+    const f32x8 v = bilinear8(taps8(lx, ly, h, w), row_stride,
+                              [&](const simd::i32x8& offset) { return gather_f32(map, offset); });
     const f32x8 u = reinterpret_cast<f32x8>(reinterpret_cast<simd::i32x8>(v) | INT32_MIN);  // -|v|, as -fabs
     if (i + kLanes <= S) {
       simd::store(out + i, u);
@@ -59,11 +48,6 @@ __attribute__((target("arch=x86-64-v3"), optimize("fp-contract=off"))) void unce
       for (int64_t j = 0; i + j < S; ++j) out[i + j] = u[j];
     }
   }
-}
-
-bool avx2_gather_available() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
 }
 #endif
 
@@ -86,9 +70,8 @@ at::Tensor point_uncertainty_cpu(const at::Tensor& logits, const at::Tensor& coo
   const int64_t* row = rows.defined() ? rows.const_data_ptr<int64_t>() : nullptr;
   const int64_t s_n = logits.stride(0), s_h = logits.stride(1), s_w = logits.stride(2);
   float* dst = out.data_ptr<float>();
-#ifdef FMF_HAVE_AVX2_GATHER
-  if (logits.scalar_type() == at::kFloat && s_w == 1 && avx2_gather_available() &&
-      (h - 1) * s_h + w <= std::numeric_limits<int32_t>::max()) {
+#ifdef FMF_AVX2_GATHER
+  if (logits.scalar_type() == at::kFloat && s_w == 1 && avx2_gather_available() && gather_offsets_fit(h, s_h, w)) {
     const float* base = logits.const_data_ptr<float>();
     const float* points = xy.const_data_ptr<float>();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
