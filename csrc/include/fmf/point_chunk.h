@@ -91,6 +91,23 @@ inline __attribute__((always_inline)) void load_xy8(const float* xy, int64_t i, 
   }
 }
 
+// Asks the cache for part `part` of `parts` of the rows of a map (rows of row_bytes bytes,
+// row_stride bytes apart), with intent to write if `write`. The points read their maps in random
+// order, so without this every first read of a line waits on memory; spread over the chunks of the
+// mask before, the next mask's maps stream in while it computes.
+inline void prefetch_part(const char* map, int64_t rows, int64_t row_bytes, int64_t row_stride, int64_t part,
+                          int64_t parts, bool write = false) {
+  for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      if (write) {
+        __builtin_prefetch(map + r * row_stride + b, 1);
+      } else {
+        __builtin_prefetch(map + r * row_stride + b);
+      }
+    }
+  }
+}
+
 #ifdef FMF_AVX2_GATHER
 inline bool avx2_gather_available() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

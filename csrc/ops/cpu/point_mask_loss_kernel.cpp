@@ -226,23 +226,6 @@ std::vector<int64_t> target_order(const Geometry& g, int64_t targets) {
   return order;
 }
 
-// Asks the cache for part `part` of `parts` of the rows of a map (rows of row_bytes bytes,
-// row_stride bytes apart), with intent to write if `write`. The points read their maps in random
-// order, so without this every first read of a line waits on memory; spread over the chunks of the
-// mask before, the next mask's maps stream in while it computes.
-inline void prefetch_part(const char* map, int64_t rows, int64_t row_bytes, int64_t row_stride, int64_t part,
-                          int64_t parts, bool write = false) {
-  for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      if (write) {
-        __builtin_prefetch(map + r * row_stride + b, 1);
-      } else {
-        __builtin_prefetch(map + r * row_stride + b);
-      }
-    }
-  }
-}
-
 // Calls on_chunk(n, m, chunk) for the chunks of every mask n in point order, after sampling their
 // m points into chunk, with the logits' dtype and the targets' kind resolved at compile time;
 // parallel over masks (in target_order), `grain` masks at least per thread. While a thread works on

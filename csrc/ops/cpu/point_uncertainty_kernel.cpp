@@ -74,10 +74,18 @@ at::Tensor point_uncertainty_cpu(const at::Tensor& logits, const at::Tensor& coo
   if (logits.scalar_type() == at::kFloat && s_w == 1 && avx2_gather_available() && gather_offsets_fit(h, s_h, w)) {
     const float* base = logits.const_data_ptr<float>();
     const float* points = xy.const_data_ptr<float>();
+    constexpr int64_t kPart = 512;  // points per call, between prefetches of part of the next map
+    const int64_t parts = (S + kPart - 1) / kPart;
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        uncertainty_gathered(base + (row ? row[n] : n) * s_n, static_cast<int32_t>(s_h), points + n * S * 2, S, h,
-                             w, dst + n * S);
+        const float* map = base + (row ? row[n] : n) * s_n;
+        const float* next = n + 1 < end ? base + (row ? row[n + 1] : n + 1) * s_n : nullptr;
+        for (int64_t part = 0; part < parts; ++part) {
+          if (next) prefetch_part(reinterpret_cast<const char*>(next), h, w * 4, s_h * 4, part, parts);
+          const int64_t p0 = part * kPart;
+          uncertainty_gathered(map, static_cast<int32_t>(s_h), points + (n * S + p0) * 2, std::min(kPart, S - p0), h,
+                               w, dst + n * S + p0);
+        }
       }
     });
     return out;
