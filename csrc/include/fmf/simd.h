@@ -16,8 +16,12 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FMF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// For loops over f32x16: one AVX-512 register in the x86-64-v4 clone, two AVX registers in the v3
+// clone, four SSE registers in the baseline one.
+#define FMF_CPU_CLONES_512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FMF_CPU_CLONES
+#define FMF_CPU_CLONES_512
 #endif
 
 namespace fmf {
@@ -26,16 +30,22 @@ namespace simd {
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 constexpr int64_t kLanes = 8;
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-inline f32x8 load(const float* p) {
-  f32x8 v;
+template <class V = f32x8>
+inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store(float* p, const f32x8& v) { std::memcpy(p, &v, sizeof v); }
+template <class V>
+inline void store(float* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
 
 inline float sum(const f32x8& v) {
   float s = 0.f;
@@ -78,6 +88,12 @@ template <>
 struct VecTraits<simd::f32x8> {
   using Int = simd::i32x8;
   static inline __attribute__((always_inline)) simd::f32x8 to_float(const Int& i) { return __builtin_convertvector(i, simd::f32x8); }
+};
+
+template <>
+struct VecTraits<simd::f32x16> {
+  using Int = simd::i32x16;
+  static inline __attribute__((always_inline)) simd::f32x16 to_float(const Int& i) { return __builtin_convertvector(i, simd::f32x16); }
 };
 
 }  // namespace fmf

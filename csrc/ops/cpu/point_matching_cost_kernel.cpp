@@ -58,14 +58,20 @@ inline void prefetch_rows(const char* map, int64_t row_bytes, int64_t first, int
   }
 }
 
-// x[0, n) -> BCE(x, 1), BCE(x, 0) and sigmoid(x) (in place of x); n is a whole number of vectors.
-FMF_CPU_CLONES void bce_terms(float* x_sig, float* pos, float* neg, int64_t n) {
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const Logistic<f32x8> l = logistic(simd::load(x_sig + i));
-    simd::store(pos + i, l.sp_neg);
-    simd::store(neg + i, l.sp);
-    simd::store(x_sig + i, l.sig);
-  }
+// x[0, n) -> BCE(x, 1), BCE(x, 0) and sigmoid(x) (in place of x); n is a whole number of 8-lane
+// vectors. 16 lanes at a time where the CPU has AVX-512 (the logistic is a long run of arithmetic).
+template <class V>
+__attribute__((always_inline)) inline void bce_terms_at(float* x_sig, float* pos, float* neg, int64_t i) {
+  const Logistic<V> l = logistic(simd::load<V>(x_sig + i));
+  simd::store(pos + i, l.sp_neg);
+  simd::store(neg + i, l.sp);
+  simd::store(x_sig + i, l.sig);
+}
+
+FMF_CPU_CLONES_512 void bce_terms(float* x_sig, float* pos, float* neg, int64_t n) {
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) bce_terms_at<simd::f32x16>(x_sig, pos, neg, i);
+  if (i < n) bce_terms_at<f32x8>(x_sig, pos, neg, i);
 }
 
 // sums[j, r] += sum_p a[p, r] tile[p, j] over r in [r0, r0 + kVectors * kLanes), j < cols (a multiple
