@@ -12,7 +12,7 @@
 //     bce += pos^T t + neg^T (1 - t)      (sums of terms >= 0: no cancellation at saturated logits)
 //     sgt += sig^T t
 // Nothing of size Q x P or n x P is stored: a task's scratch is kRing x w x R + 3 kPoints x R +
-// 2 kPoints x NP + 2 NP x R floats, the taps of kPoints points and the order of the P points.
+// 2 kPoints x NP + 2 NP x R floats, the taps of kPoints points and the P points sorted by row.
 #include "fmf/simd.h"  // first: its diagnostic setting must precede the math templates
 
 #include <ATen/ATen.h>
@@ -251,17 +251,18 @@ inline int64_t row_bucket(float cy, int64_t h) {
 }
 
 // The points in the order of the prediction rows they fall in (a stable counting sort on their
-// buckets), and their buckets in that order. A block of consecutive points then reads a band of a
-// few rows of the logits (which the ring holds) and of each target (which stays in cache), where
-// points in their random order would pull every map whole through the cache once per block. The
-// sums over points are the same up to rounding in another order.
+// buckets): their buckets and coordinates in that order, so blocks read them sequentially. A block
+// of consecutive points then reads a band of a few rows of the logits (which the ring holds) and of
+// each target (which stays in cache), where points in their random order would pull every map whole
+// through the cache once per block. The sums over points are the same up to rounding in another order.
 struct RowOrder {
-  std::vector<int64_t> point, bucket;
+  std::vector<int64_t> bucket;
+  std::vector<float> xy;  // the points' (x, y) in that order
 };
 
 RowOrder row_order(const float* coords, int64_t P, int64_t h) {
   std::vector<int64_t> start(h + 3, 0), bucket(P);
-  RowOrder sorted{std::vector<int64_t>(P), std::vector<int64_t>(P)};
+  RowOrder sorted{std::vector<int64_t>(P), std::vector<float>(2 * P)};
   for (int64_t p = 0; p < P; ++p) {
     bucket[p] = row_bucket(coords[2 * p + 1], h);
     ++start[bucket[p] + 1];
@@ -269,7 +270,8 @@ RowOrder row_order(const float* coords, int64_t P, int64_t h) {
   for (int64_t r = 0; r < h + 2; ++r) start[r + 1] += start[r];
   for (int64_t p = 0; p < P; ++p) {
     const int64_t k = start[bucket[p]]++;
-    sorted.point[k] = p, sorted.bucket[k] = bucket[p];
+    sorted.bucket[k] = bucket[p];
+    sorted.xy[2 * k] = coords[2 * p], sorted.xy[2 * k + 1] = coords[2 * p + 1];
   }
   return sorted;
 }
@@ -319,9 +321,8 @@ void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weight
   float* bce = sums.data();
   float* sgt = bce + NP * R;
 
-  const float* coords = in.coords.data_ptr<float>() + task.b * P * 2;
-  const RowOrder sorted = row_order(coords, P, h);
-  const std::vector<int64_t>& order = sorted.point;
+  const RowOrder sorted = row_order(in.coords.data_ptr<float>() + task.b * P * 2, P, h);
+  const float* xy = sorted.xy.data();
   const std::vector<int64_t> ends = block_ends(sorted.bucket);
   const scalar_t* x = base.masks.data_ptr<scalar_t>() + (task.b * Q + task.q0) * h * w;
   RowBand tgt_band = rows_read(sorted.bucket, 0, ends[0], h, img.H);
@@ -338,7 +339,7 @@ void cost_task(const PointMatchingCostInputs& in, const Task& task, const Weight
     // The block's taps; the logit rows they read, into the ring where it does not hold them yet.
     int64_t first = h, last = -1;
     for (int64_t p = 0; p < points; ++p) {
-      const float cx = coords[order[p0 + p] * 2], cy = coords[order[p0 + p] * 2 + 1];
+      const float cx = xy[2 * (p0 + p)], cy = xy[2 * (p0 + p) + 1];
       corners[p] = corners_at(cx, cy, h, w);
       tgt_taps.put(p, point_taps(cx, cy, img.H, img.W));
       const Corners& c = corners[p];
