@@ -116,6 +116,10 @@ def _register_point_mask_loss() -> None:
     def _backward_fake(grad_stats, pred_masks, target_masks, coords, pred_index=None, target_index=None):
         return pred_masks.new_empty(pred_masks.shape)
 
+    @torch.library.register_fake("fastmaskformer::point_mask_loss_backward_into")
+    def _backward_into_fake(grad_stats, pred_masks, target_masks, coords, pred_index, target_index, grad):
+        return None
+
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)  # the optional row indices may be None
 

@@ -235,6 +235,50 @@ def test_fused_loss_of_layers_sliced_from_one_tensor_is_one_call(monkeypatch, la
         assert_close(grads[i], sep.grad, what=f"layer {i} gradient", grad=True)
 
 
+@pytest.mark.parametrize("layout", ["LBQ", "BLQ"])
+def test_gradient_buffer_zeroed_during_the_draws(monkeypatch, layout):
+    """On the CPU the fused one-call loss zeroes its gradient buffer on a second thread while the
+    points are drawn (only for large buffers, so the threshold is lowered here): losses and gradient
+    are the same bits as when the backward allocates its own, and the leaf's gradient is that buffer."""
+    from fastmaskformer import criterion as crit_mod
+    L, B, Q, sizes = 3, 2, 5, [2, 3]
+    stacked, leaf, *_rest, targets = _stacked_layers(L, B, Q, sizes, (6, 7), (24, 28), layout)
+    buffers = []
+    op = ops.point_mask_loss
+    monkeypatch.setattr(ops, "point_mask_loss", lambda *a, **k: buffers.append(k.get("grad_out")) or op(*a, **k))
+    losses = point_criterion(16, fused=True, seed=3)(stacked, targets)
+    assert buffers == [None]  # a small buffer: no thread
+    sum(losses.values()).backward()
+    expected = leaf.grad.clone()
+    leaf.grad = None
+    buffers.clear()
+    monkeypatch.setattr(crit_mod, "_ZERO_AHEAD_MIN_BYTES", 0)
+    again = point_criterion(16, fused=True, seed=3)(stacked, targets)
+    (buffer,) = buffers
+    assert buffer is not None and buffer.shape == (B * L * Q, 6, 7)
+    for k in losses:
+        assert torch.equal(again[k], losses[k]), k
+    sum(again.values()).backward()
+    assert torch.equal(leaf.grad, expected)
+    assert leaf.grad.data_ptr() == buffer.data_ptr()
+
+
+def test_zeroing_thread_failure_is_raised():
+    """A zeroing thread that fails makes the criterion raise instead of using an unzeroed buffer."""
+    from fastmaskformer.criterion import _Zeroing
+
+    class Broken:
+        def zero_(self):
+            raise OSError("no memory")
+
+    z = _Zeroing(Broken())
+    with pytest.raises(RuntimeError, match="zeroing the point loss's gradient buffer failed"):
+        z.join()
+    t = torch.ones(1000)
+    _Zeroing(t).join()
+    assert torch.count_nonzero(t) == 0
+
+
 def test_which_layers_are_rows_of_one_tensor():
     """Any slices whose [h, w] maps are whole rows of one contiguous tensor are (every other query
     too: a row step of 2); maps of two tensors, transposed maps, every other column, or a tensor that

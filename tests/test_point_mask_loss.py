@@ -224,6 +224,40 @@ def test_native_vector_gathers_equal_the_scalar_reads(device, target_dtype):
     assert_close(g, ref_g, what="d/d(pred_masks)", grad=True)
 
 
+@pytest.mark.parametrize("backend,device", [pytest.param("reference", "cpu", id="reference-cpu")] + CASES)
+def test_grad_out_receives_the_gradient(backend, device):
+    """With grad_out the gradient of pred_masks is added into that buffer, which autograd receives as
+    the gradient: starting from zeros it is the gradient; from other values, those plus it. Logits
+    that need no gradient leave it untouched."""
+    x, t, c, pi, ti = _rows_case(device)
+    xr = x.detach().requires_grad_()
+    losses = OP(xr, t, c, 2.0, pred_index=pi, target_index=ti, backend=backend)
+    weights = [torch.tensor(v, device=device) for v in (0.7, 1.3)]
+    (expected,) = torch.autograd.grad(losses, xr, weights)
+    for start in (0.0, 0.25):
+        buf = torch.full_like(x, start)
+        xr = x.detach().requires_grad_()
+        got_losses = OP(xr, t, c, 2.0, pred_index=pi, target_index=ti, grad_out=buf, backend=backend)
+        assert torch.equal(got_losses[0], losses[0]) and torch.equal(got_losses[1], losses[1])
+        (grad,) = torch.autograd.grad(got_losses, xr, weights)
+        assert grad.data_ptr() == buf.data_ptr()
+        assert_close(grad - start, expected, what=f"{backend} grad_out from {start}", grad=True)
+    buf = torch.zeros_like(x)
+    OP(x, t, c, 2.0, pred_index=pi, target_index=ti, grad_out=buf, backend=backend)
+    assert torch.count_nonzero(buf) == 0
+
+
+@pytest.mark.parametrize("case", ["dtype", "shape", "strided", "device", "type"])
+def test_grad_out_is_checked(case):
+    x, t, c, pi, ti = _rows_case("cpu")
+    bad = {"dtype": torch.zeros_like(x, dtype=torch.float64), "shape": torch.zeros(x.shape[0] + 1, *x.shape[1:]),
+           "strided": torch.zeros(x.shape[0], x.shape[2], x.shape[1]).transpose(1, 2),
+           "device": torch.zeros(x.shape, device="meta"), "type": x.numpy()}[case]
+    error = TypeError if case in ("dtype", "type") else ValueError
+    with pytest.raises(error, match="grad_out"):
+        OP(x.requires_grad_(), t, c, 2.0, pred_index=pi, target_index=ti, grad_out=bad)
+
+
 def _rows_case(device, index_dtype=torch.int64):
     """A layer's logits [M, h, w] and the step's targets [T, H, W] with N = 5 masks reading rows of
     each, one logit row twice and some rows never."""
@@ -386,6 +420,9 @@ def test_opcheck_native(dtype):
     rows = (torch.tensor([2, 0]), torch.tensor([1, 1]))  # two masks reading rows of each
     torch.library.opcheck(C.point_mask_loss_forward.default, (x, t, c[:2], *rows))
     torch.library.opcheck(C.point_mask_loss_backward.default, (torch.randn(2, 4), x.detach(), t, c[:2], *rows))
+    if dtype == torch.float32:  # the gradient added into a float32 buffer
+        torch.library.opcheck(C.point_mask_loss_backward_into.default,
+                              (torch.randn(2, 4), x.detach(), t, c[:2], *rows, torch.zeros(x.shape)))
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="fastmaskformer._C is not built")

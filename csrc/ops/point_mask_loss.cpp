@@ -17,6 +17,10 @@
 //       target_index?) -> d/d pred_masks (its shape, every row), in the dtype of pred_masks: each
 //       point's gradient scattered into its 4 bilinear taps of its row. The
 //       coordinates and targets get no gradient (the criterion draws the points without one).
+//   point_mask_loss_backward_into(grad_stats, pred_masks, target_masks, coords, pred_index?,
+//       target_index?, grad) -> (): the same gradient added into grad (float32, contiguous, the shape
+//       of pred_masks), so a caller can zero the [M, h, w] buffer ahead of time (the criterion zeroes
+//       it while the CPU draws the points one thread at a time). CPU only.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(fastmaskformer, m) {
@@ -26,4 +30,7 @@ TORCH_LIBRARY_FRAGMENT(fastmaskformer, m) {
   m.def(
       "point_mask_loss_backward(Tensor grad_stats, Tensor pred_masks, Tensor target_masks, Tensor coords, "
       "Tensor? pred_index=None, Tensor? target_index=None) -> Tensor");
+  m.def(
+      "point_mask_loss_backward_into(Tensor grad_stats, Tensor pred_masks, Tensor target_masks, Tensor coords, "
+      "Tensor? pred_index, Tensor? target_index, Tensor(a!) grad) -> ()");
 }

@@ -23,6 +23,14 @@ float32 [len(groups)] vectors. The criterion passes every decoder layer's matche
 one group per layer, when the layers' logits are slices of one tensor (as this package's heads make
 them): the backward then writes the gradient of that whole tensor once, where L calls would each
 write a layer's gradient that autograd then stacks.
+
+``grad_out`` (a contiguous tensor of ``pred_masks``' shape and dtype): the backward adds the
+gradient of ``pred_masks`` into it and passes it on as that gradient, instead of allocating one; with
+zeros in it, it is the gradient. The native CPU backend (float32) scatters straight into it, the
+others add theirs. So a caller can zero the buffer ahead of time: the criterion zeroes the [M, h, w]
+buffer of every layer's logits on a second thread while the first draws the points (the CPU
+generator draws on one thread), where the backward would otherwise spend its first 100 ms zeroing
+fresh pages.
 """
 from __future__ import annotations
 
@@ -36,10 +44,34 @@ from ._checks import (FLOAT_DTYPES, MASK_DTYPES, check_groups, check_num_masks, 
 from ._dispatch import Op
 
 
+class _AddGradInto(torch.autograd.Function):
+    """The identity on x, whose backward adds the incoming gradient into ``grad_out`` and passes
+    ``grad_out`` on as x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, grad_out):
+        ctx.grad_out = grad_out
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.grad_out.add_(grad), None
+
+
+def add_grad_into(pred_masks: torch.Tensor, grad_out: Optional[torch.Tensor]) -> torch.Tensor:
+    """pred_masks, whose gradient (if it needs one) is added into ``grad_out`` when one is given: the
+    ``grad_out`` contract for backends that compute the gradient themselves."""
+    if grad_out is None or not pred_masks.requires_grad:
+        return pred_masks
+    return _AddGradInto.apply(pred_masks, grad_out)
+
+
 def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tensor, coords: torch.Tensor,
                               num_masks, pred_index: Optional[torch.Tensor] = None,
                               target_index: Optional[torch.Tensor] = None,
-                              groups: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                              groups: Optional[Sequence[int]] = None,
+                              grad_out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    pred_masks = add_grad_into(pred_masks, grad_out)
     if pred_index is not None:
         pred_masks = pred_masks[pred_index]
     if target_index is not None:
@@ -58,7 +90,8 @@ def point_mask_loss_reference(pred_masks: torch.Tensor, target_masks: torch.Tens
     return loss_mask / num_masks, loss_dice / num_masks
 
 
-def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None, **_):
+def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None,
+           grad_out=None, **_):
     check_tensor("pred_masks", pred_masks, 3, FLOAT_DTYPES)
     check_tensor("target_masks", target_masks, 3, MASK_DTYPES)
     check_tensor("coords", coords, 3, FLOAT_DTYPES)
@@ -79,6 +112,13 @@ def _check(pred_masks, target_masks, coords, num_masks, pred_index=None, target_
                          f"{tuple(target_masks.shape[-2:])}")
     check_num_masks(num_masks)
     check_groups(groups, N)
+    if grad_out is not None:
+        check_tensor("grad_out", grad_out, 3, (pred_masks.dtype,))
+        check_same_device(pred_masks=pred_masks, grad_out=grad_out)
+        if grad_out.shape != pred_masks.shape or not grad_out.is_contiguous():
+            raise ValueError(f"grad_out: expected a contiguous tensor of pred_masks' shape {tuple(pred_masks.shape)}, "
+                             f"got shape {tuple(grad_out.shape)}"
+                             f"{'' if grad_out.is_contiguous() else ' (not contiguous)'}")
 
 
 point_mask_loss = Op("point_mask_loss", point_mask_loss_reference, check=_check)

@@ -294,26 +294,19 @@ at::Tensor point_mask_loss_forward_cpu(const at::Tensor& pred_masks, const at::T
   return sums.to(at::kFloat);
 }
 
-at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor& pred_masks,
-                                        const at::Tensor& target_masks, const at::Tensor& coords,
-                                        const std::optional<at::Tensor>& pred_index,
-                                        const std::optional<at::Tensor>& target_index) {
-  const Inputs in = check_inputs(pred_masks, target_masks, coords, pred_index, target_index);
+// Adds d loss / d pred_masks into out (float32 [rows, h, w], rows = pred_masks.size(0), contiguous).
+void add_gradient(const Inputs& in, const at::Tensor& grad_stats, const at::Tensor& pred_masks,
+                  const at::Tensor& target_masks, const at::Tensor& coords, float* out) {
   const Geometry& g = in.g;
   FMF_CHECK_DIM(grad_stats, 2);
   FMF_CHECK_SAME_DEVICE(grad_stats, pred_masks);
   TORCH_CHECK_VALUE(grad_stats.size(0) == g.N && grad_stats.size(1) == kStats, "grad_stats: expected shape [", g.N,
                     ", ", kStats, "], got ", grad_stats.sizes());
-  // fp32 gradient (the taps of many points add into one logit), in pred's dtype at the end; every
-  // row of pred_masks gets one, zero where no mask reads it.
-  const int64_t rows = pred_masks.size(0);
-  at::Tensor grad = at::zeros({rows, g.h, g.w}, pred_masks.options().dtype(at::kFloat));
-  if (g.N == 0 || g.P == 0) return grad.to(pred_masks.scalar_type());
+  if (g.N == 0 || g.P == 0) return;
   const at::Tensor xy = coords.to(at::kFloat).contiguous();
   const at::Tensor gs = grad_stats.to(at::kFloat).contiguous();
   const float* g_stats = gs.const_data_ptr<float>();
-  float* out = grad.data_ptr<float>();
-  const int64_t grain = rows_repeat(g, rows) ? g.N : 1;  // a repeated row: one thread, masks in order
+  const int64_t grain = rows_repeat(g, pred_masks.size(0)) ? g.N : 1;  // a repeated row: one thread, masks in order
   for_each_chunk(g, pred_masks, target_masks, xy.const_data_ptr<float>(), grain,
                  [&](int64_t n, int64_t m, Chunk& chunk) {
                    const float* gn = g_stats + n * kStats;  // the sum of t does not depend on x: gn[3] is unused
@@ -330,7 +323,31 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::
                    }
                  },
                  out);
+}
+
+at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::Tensor& pred_masks,
+                                        const at::Tensor& target_masks, const at::Tensor& coords,
+                                        const std::optional<at::Tensor>& pred_index,
+                                        const std::optional<at::Tensor>& target_index) {
+  const Inputs in = check_inputs(pred_masks, target_masks, coords, pred_index, target_index);
+  // fp32 gradient (the taps of many points add into one logit), in pred's dtype at the end; every
+  // row of pred_masks gets one, zero where no mask reads it.
+  at::Tensor grad = at::zeros({pred_masks.size(0), in.g.h, in.g.w}, pred_masks.options().dtype(at::kFloat));
+  add_gradient(in, grad_stats, pred_masks, target_masks, coords, grad.data_ptr<float>());
   return grad.to(pred_masks.scalar_type());
+}
+
+void point_mask_loss_backward_into_cpu(const at::Tensor& grad_stats, const at::Tensor& pred_masks,
+                                       const at::Tensor& target_masks, const at::Tensor& coords,
+                                       const std::optional<at::Tensor>& pred_index,
+                                       const std::optional<at::Tensor>& target_index, const at::Tensor& grad) {
+  const Inputs in = check_inputs(pred_masks, target_masks, coords, pred_index, target_index);
+  FMF_CHECK_SAME_DEVICE(grad, pred_masks);
+  TORCH_CHECK_TYPE(grad.scalar_type() == at::kFloat, "grad: expected dtype float32, got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.sizes() == pred_masks.sizes() && grad.is_contiguous(),
+                    "grad: expected a contiguous tensor of pred_masks' shape ", pred_masks.sizes(), ", got shape ",
+                    grad.sizes(), grad.is_contiguous() ? "" : " (not contiguous)");
+  add_gradient(in, grad_stats, pred_masks, target_masks, coords, grad.data_ptr<float>());
 }
 
 }  // namespace
@@ -339,4 +356,5 @@ at::Tensor point_mask_loss_backward_cpu(const at::Tensor& grad_stats, const at::
 TORCH_LIBRARY_IMPL(fastmaskformer, CPU, m) {
   m.impl("point_mask_loss_forward", &fmf::point_mask_loss_forward_cpu);
   m.impl("point_mask_loss_backward", &fmf::point_mask_loss_backward_cpu);
+  m.impl("point_mask_loss_backward_into", &fmf::point_mask_loss_backward_into_cpu);
 }

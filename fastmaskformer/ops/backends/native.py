@@ -28,7 +28,7 @@ from .._linear_sum_assignment import CUDA_MAX_SIDE, Assignment, linear_sum_assig
 from .._mask_loss import losses_from_stats, mask_loss
 from .._matching_cost import matching_cost
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
-from .._point_mask_loss import point_mask_loss
+from .._point_mask_loss import add_grad_into, point_mask_loss
 from .._point_matching_cost import point_matching_cost
 from .._point_uncertainty import point_uncertainty
 
@@ -184,14 +184,36 @@ ms_deform_attn.register("native", ms_deform_attn_native, available=native_error,
 
 # ---- point_mask_loss ----
 
+class _PointMaskLossInto(torch.autograd.Function):
+    """point_mask_loss_forward whose backward scatters into a caller's float32 buffer
+    (point_mask_loss_backward_into) and passes it on as the logits' gradient."""
+
+    @staticmethod
+    def forward(ctx, pred_masks, target_masks, coords, pred_index, target_index, grad_out):
+        ctx.save_for_backward(pred_masks, target_masks, coords, pred_index, target_index)
+        ctx.grad_out = grad_out
+        return torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords, pred_index,
+                                                                target_index)
+
+    @staticmethod
+    def backward(ctx, grad_stats):
+        pred_masks, target_masks, coords, pred_index, target_index = ctx.saved_tensors
+        torch.ops.fastmaskformer.point_mask_loss_backward_into(grad_stats, pred_masks, target_masks, coords,
+                                                               pred_index, target_index, ctx.grad_out)
+        return ctx.grad_out, None, None, None, None, None
+
+
 def point_mask_loss_native(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None,
-                           groups=None):
+                           groups=None, grad_out=None):
     """The CPU kernel (csrc/ops/cpu/point_mask_loss_kernel.cpp): per-mask statistics of the points, the
     mask losses' contract with BCE for focal and the P points for the pixels; its backward scatters
-    each point's gradient into the logits' taps (of the rows the masks read). No [N, P] tensor
-    exists in either pass, and no gathered copy of the rows."""
-    stats = torch.ops.fastmaskformer.point_mask_loss_forward(pred_masks, target_masks, coords, pred_index,
-                                                             target_index)
+    each point's gradient into the logits' taps (of the rows the masks read), into ``grad_out`` when
+    one is given (float32). No [N, P] tensor exists in either pass, and no gathered copy of the rows."""
+    if grad_out is not None and pred_masks.requires_grad and pred_masks.dtype == torch.float32:
+        stats = _PointMaskLossInto.apply(pred_masks, target_masks, coords, pred_index, target_index, grad_out)
+    else:
+        stats = torch.ops.fastmaskformer.point_mask_loss_forward(add_grad_into(pred_masks, grad_out), target_masks,
+                                                                 coords, pred_index, target_index)
     return losses_from_stats(stats, num_masks, coords.shape[1], groups)
 
 

@@ -14,7 +14,7 @@ from .._checks import MAX_GRID_YZ
 from .._mask_logits import mask_logits
 from .._mask_loss import losses_from_stats, mask_loss
 from .._ms_deform_attn import level_shape_tensor, ms_deform_attn
-from .._point_mask_loss import point_mask_loss
+from .._point_mask_loss import add_grad_into, point_mask_loss
 from .._point_uncertainty import point_uncertainty
 from .._semantic_inference import semantic_inference
 
@@ -98,8 +98,9 @@ ms_deform_attn.register("triton", _ms_deform_attn, available=_available,
 
 # ---- point_mask_loss ----
 
-def _point_mask_loss(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None):
-    stats = _point_mask_loss_stats(pred_masks, target_masks, coords, pred_index, target_index)
+def _point_mask_loss(pred_masks, target_masks, coords, num_masks, pred_index=None, target_index=None, groups=None,
+                     grad_out=None):
+    stats = _point_mask_loss_stats(add_grad_into(pred_masks, grad_out), target_masks, coords, pred_index, target_index)
     return losses_from_stats(stats, num_masks, coords.shape[1], groups)
 
 
