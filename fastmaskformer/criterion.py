@@ -339,6 +339,12 @@ class SetCriterion(nn.Module):
         # fresh pages first, 0.1 s at B=8).
         grad_out = torch.empty_like(flat, memory_format=torch.contiguous_format) if _zero_ahead(flat) else None
         parts = grad_out.view(-1).tensor_split(len(rows)) if grad_out is not None else [None] * len(rows)
+        # On the CPU every layer's candidates are drawn into one buffer: a fresh [n, 3P, 2] tensor per
+        # layer would fault in new pages each time (24 MB a layer at B=8), where these stay mapped.
+        workspace = None
+        if device.type == "cpu" and rows and not torch.compiler.is_compiling():
+            workspace = torch.empty(max(r.shape[0] for r in rows) * int(self.num_points * self.oversample_ratio) * 2,
+                                    device=device, dtype=torch.float32)
         lo = 0
         for r, part in zip(rows, parts):
             hi = lo + r.shape[0]
@@ -346,7 +352,7 @@ class SetCriterion(nn.Module):
             try:
                 importance_points(hi - lo, self.num_points, self.oversample_ratio, self.importance_sample_ratio,
                                   lambda c, r=r: ops.point_uncertainty(source, c, r, backend=backend), device,
-                                  generator, out=coords[lo:hi])
+                                  generator, out=coords[lo:hi], workspace=workspace)
             finally:
                 if zeroing is not None:
                     zeroing.join()

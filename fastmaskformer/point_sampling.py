@@ -81,19 +81,24 @@ def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_rat
 
 def importance_points(n: int, num_points: int, oversample_ratio: float, importance_sample_ratio: float,
                       uncertainty: Callable[[torch.Tensor], torch.Tensor], device: Optional[torch.device] = None,
-                      generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None
-                      ) -> torch.Tensor:
+                      generator: Optional[torch.Generator] = None, out: Optional[torch.Tensor] = None,
+                      workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The draws and the top-k of :func:`uncertain_point_coords` for ``n`` masks, the candidates
     [n, S, 2] ranked by ``uncertainty(candidates)`` -> [n, S] (higher: kept first). The fused
     criterion passes ``ops.point_uncertainty`` on the matched rows of a layer's logits, which reads
     them in place; the draws are the same. ``out``: a float32 [n, num_points, 2] tensor to write the
-    points into (a slice of every layer's points). Arguments are not checked here."""
+    points into (a slice of every layer's points). ``workspace``: a contiguous float32 buffer of at
+    least n x S x 2 elements to draw the candidates into (the same numbers as a fresh tensor). Arguments
+    are not checked here."""
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     if out is None:
         out = torch.empty(n, num_points, 2, device=device, dtype=torch.float32)
     with torch.no_grad():
-        candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
+        if workspace is None:
+            candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
+        else:
+            candidates = workspace[:n * num_sampled * 2].view(n, num_sampled, 2).uniform_(generator=generator)
         idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
         # Each (x, y) pair moved as one 8-byte element: one gather of [n, k] straight into the
         # output, where gathering the pairs as floats needs a [n, k, 2] index and then a copy.

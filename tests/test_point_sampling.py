@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastmaskformer.point_sampling import (point_mask_cost, point_mask_loss, point_sample, random_point_coords,
-                                           uncertain_point_coords)
+from fastmaskformer.point_sampling import (importance_points, point_mask_cost, point_mask_loss, point_sample,
+                                           random_point_coords, uncertain_point_coords)
 
 import independent_points as ind
 from tolerances import assert_close
@@ -70,6 +70,21 @@ def test_uncertain_point_coords_float32_under_a_float64_default():
     assert out.dtype == torch.float32 and torch.equal(out[:, 4:], fresh)
     for n in range(2):  # the kept candidates are candidates of that mask
         assert set(map(tuple, out[n, :4].tolist())) <= set(map(tuple, candidates[n].tolist()))
+
+
+def test_importance_points_draw_the_same_numbers_into_a_workspace():
+    """The fused criterion draws every layer's candidates into one reused buffer: groups drawn in turn
+    into a dirty workspace larger than any of them give the very points of fresh draws."""
+    source = torch.randn(5, 6, 7) * 3
+    rank = lambda c: -point_sample(source[:c.shape[0], None], c)[:, 0].abs()  # noqa: E731
+    workspace = torch.full((5 * 24 * 2 + 11,), float("nan"))
+    g_fresh, g_ws = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    for n in (5, 2, 4):
+        want = importance_points(n, 8, 3.0, 0.75, rank, generator=g_fresh)
+        got = importance_points(n, 8, 3.0, 0.75, rank, generator=g_ws, workspace=workspace)
+        assert torch.equal(got, want), n
+    assert torch.equal(g_ws.get_state(), g_fresh.get_state())
+    assert not workspace[:5 * 24 * 2].isnan().any() and workspace[5 * 24 * 2:].isnan().all()  # drawn there
 
 
 def test_uncertain_point_coords_global_rng_and_no_grad():
