@@ -37,10 +37,14 @@ def point_sample(input: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable
-def _uniform(*size: int, device: Optional[torch.device], generator: Optional[torch.Generator]) -> torch.Tensor:
+def _uniform(*size: int, device: Optional[torch.device], generator: Optional[torch.Generator],
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.rand, run eagerly under torch.compile: Dynamo cannot draw a tensor whose size depends on
     the data (the number of matched masks changes every step: "SymIntArrayRef expected to contain
-    only concrete integers"), so a compiled loss breaks its graph around the draw instead of failing."""
+    only concrete integers"), so a compiled loss breaks its graph around the draw instead of failing.
+    ``out``: a float32 tensor of that size to draw into."""
+    if out is not None:
+        return torch.rand(*size, generator=generator, out=out)
     return torch.rand(*size, device=device, generator=generator, dtype=torch.float32)
 
 
@@ -98,7 +102,8 @@ def importance_points(n: int, num_points: int, oversample_ratio: float, importan
         if workspace is None:
             candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
         else:
-            candidates = workspace[:n * num_sampled * 2].view(n, num_sampled, 2).uniform_(generator=generator)
+            candidates = _uniform(n, num_sampled, 2, device=device, generator=generator,
+                                  out=workspace[:n * num_sampled * 2].view(n, num_sampled, 2))
         idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
         # Each (x, y) pair moved as one 8-byte element: one gather of [n, k] straight into the
         # output, where gathering the pairs as floats needs a [n, k, 2] index and then a copy.

@@ -124,7 +124,8 @@ class SharedPoints:
         self.fresh = [rand(matched, self.fresh_points, 2, generator=g) for _ in range(layers)]
         self.used = {"match": 0, "candidates": 0, "fresh": 0}
 
-    def __call__(self, *size, device=None, generator=None, dtype=None):
+    def __call__(self, *size, device=None, generator=None, dtype=None, out=None):
+        into = out
         shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
         n = shape[0]
         if shape[1:] == (self.P, 2):
@@ -136,7 +137,7 @@ class SharedPoints:
         else:
             raise AssertionError(f"unexpected torch.rand{shape} during the loss")
         assert out.shape == shape, f"torch.rand{shape}: the shared points have shape {tuple(out.shape)}"
-        return out.to(device)
+        return out.to(device) if into is None else into.copy_(out)
 
 
 M2F = dict(P=50, oversample_ratio=3.0, importance_sample_ratio=0.75)
