@@ -99,11 +99,8 @@ def importance_points(n: int, num_points: int, oversample_ratio: float, importan
     if out is None:
         out = torch.empty(n, num_points, 2, device=device, dtype=torch.float32)
     with torch.no_grad():
-        if workspace is None:
-            candidates = _uniform(n, num_sampled, 2, device=device, generator=generator)
-        else:
-            candidates = _uniform(n, num_sampled, 2, device=device, generator=generator,
-                                  out=workspace[:n * num_sampled * 2].view(n, num_sampled, 2))
+        into = workspace[:n * num_sampled * 2].view(n, num_sampled, 2) if workspace is not None else None
+        candidates = _uniform(n, num_sampled, 2, device=device, generator=generator, out=into)
         idx = uncertainty(candidates).topk(num_uncertain, dim=1, sorted=False).indices  # [n, k]
         # Each (x, y) pair moved as one 8-byte element: one gather of [n, k] straight into the
         # output, where gathering the pairs as floats needs a [n, k, 2] index and then a copy.
