@@ -91,21 +91,12 @@ inline __attribute__((always_inline)) void load_xy8(const float* xy, int64_t i, 
   }
 }
 
-// Asks the cache for part `part` of `parts` of the rows of a map (rows of row_bytes bytes,
-// row_stride bytes apart), with intent to write if `write`. The points read their maps in random
-// order, so without this every first read of a line waits on memory; spread over the chunks of the
-// mask before, the next mask's maps stream in while it computes.
+// Asks the cache for part `part` of `parts` of the rows of a map (prefetch_rows). The points read
+// their maps in random order, so without this every first read of a line waits on memory; spread
+// over the chunks of the mask before, the next mask's maps stream in while it computes.
 inline void prefetch_part(const char* map, int64_t rows, int64_t row_bytes, int64_t row_stride, int64_t part,
                           int64_t parts, bool write = false) {
-  for (int64_t r = part * rows / parts; r < (part + 1) * rows / parts; ++r) {
-    for (int64_t b = 0; b < row_bytes; b += 64) {
-      if (write) {
-        __builtin_prefetch(map + r * row_stride + b, 1);
-      } else {
-        __builtin_prefetch(map + r * row_stride + b);
-      }
-    }
-  }
+  prefetch_rows(map, row_bytes, row_stride, part * rows / parts, (part + 1) * rows / parts - 1, write);
 }
 
 #ifdef FMF_AVX2_GATHER
@@ -148,15 +139,19 @@ FMF_AVX2_GATHER_FN inline __attribute__((always_inline)) f32x8 bilinear8(const T
 }
 #endif
 
+// Points [i, i + 8) of taps from their registers.
+inline __attribute__((always_inline)) void store_taps8(const Taps8& t, int64_t i, Taps& taps) {
+  for (int k = 0; k < 4; ++k) simd::store(taps.w[k] + i, t.w[k]);
+  std::memcpy(taps.xa + i, &t.xa, sizeof t.xa), std::memcpy(taps.xb + i, &t.xb, sizeof t.xb);
+  std::memcpy(taps.ya + i, &t.ya, sizeof t.ya), std::memcpy(taps.yb + i, &t.yb, sizeof t.yb);
+}
+
 // Taps of points [0, m) of xy on an H x W map, 8 points at a time.
 FMF_CPU_CLONES static __attribute__((optimize("fp-contract=off"))) void point_taps(const float* xy, int64_t m, int64_t H, int64_t W, Taps& taps) {
   for (int64_t i = 0; i < m; i += kLanes) {
     f32x8 lx, ly;
     load_xy8(xy, i, m, lx, ly);
-    const Taps8 t = taps8(lx, ly, H, W);
-    for (int k = 0; k < 4; ++k) simd::store(taps.w[k] + i, t.w[k]);
-    std::memcpy(taps.xa + i, &t.xa, sizeof t.xa), std::memcpy(taps.xb + i, &t.xb, sizeof t.xb);
-    std::memcpy(taps.ya + i, &t.ya, sizeof t.ya), std::memcpy(taps.yb + i, &t.yb, sizeof t.yb);
+    store_taps8(taps8(lx, ly, H, W), i, taps);
   }
 }
 

@@ -96,4 +96,20 @@ struct VecTraits<simd::f32x16> {
   static inline __attribute__((always_inline)) simd::f32x16 to_float(const Int& i) { return __builtin_convertvector(i, simd::f32x16); }
 };
 
+// Asks the cache for rows [first, last] (none when last < first) of a map whose rows hold
+// row_bytes bytes, row_stride bytes apart, ahead of their reads (or writes, with `write`): reads at
+// random points, or spread over many maps, give the hardware prefetcher no stride to follow.
+inline void prefetch_rows(const char* map, int64_t row_bytes, int64_t row_stride, int64_t first, int64_t last,
+                          bool write = false) {
+  for (int64_t r = first; r <= last; ++r) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      if (write) {
+        __builtin_prefetch(map + r * row_stride + b, 1);
+      } else {
+        __builtin_prefetch(map + r * row_stride + b);
+      }
+    }
+  }
+}
+
 }  // namespace fmf

@@ -102,9 +102,7 @@ FMF_AVX2_GATHER_FN void load_chunk_gathered(const Geometry& g, const float* pred
     f32x8 lx, ly;
     load_xy8(xy, i, m, lx, ly);
     const Taps8 low = taps8(lx, ly, g.h, g.w);
-    for (int k = 0; k < 4; ++k) simd::store(chunk.low.w[k] + i, low.w[k]);
-    std::memcpy(chunk.low.xa + i, &low.xa, sizeof low.xa), std::memcpy(chunk.low.xb + i, &low.xb, sizeof low.xb);
-    std::memcpy(chunk.low.ya + i, &low.ya, sizeof low.ya), std::memcpy(chunk.low.yb + i, &low.yb, sizeof low.yb);
+    store_taps8(low, i, chunk.low);
     const f32x8 x = bilinear8(low, static_cast<int32_t>(g.sp_h),
                               [&](const simd::i32x8& offset) { return gather_f32(logits, offset); });
     const f32x8 t = bilinear8(taps8(lx, ly, g.H, g.W), static_cast<int32_t>(g.st_h),

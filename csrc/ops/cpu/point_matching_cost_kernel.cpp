@@ -49,15 +49,6 @@ struct RowBand {
   int64_t first, last;
 };
 
-// Asks the cache for rows [first, last] of a map of row length `row_bytes` bytes ahead of their
-// reads: reads spread over many maps (or random columns of a band of rows) give the hardware
-// prefetcher no stride to follow.
-inline void prefetch_rows(const char* map, int64_t row_bytes, int64_t first, int64_t last) {
-  for (const char* line = map + first * row_bytes; line < map + (last + 1) * row_bytes; line += 64) {
-    __builtin_prefetch(line);
-  }
-}
-
 // x[0, n) -> BCE(x, 1), BCE(x, 0) and sigmoid(x) (in place of x); n is a whole number of 8-lane
 // vectors. 16 lanes at a time where the CPU has AVX-512 (the logistic is a long run of arithmetic).
 template <class V>
@@ -163,7 +154,7 @@ FMF_CPU_CLONES void transpose_row_f32(const float* x, int64_t map, int64_t w, in
     const float* src = x + i0 * map + row * w;
     if (row + 1 < map / w) {  // row + 1 of the same 8 maps (map / w rows each)
       for (int k = 0; k < kLanes; ++k) {
-        prefetch_rows(reinterpret_cast<const char*>(src + k * map), w * sizeof(float), 1, 1);
+        prefetch_rows(reinterpret_cast<const char*>(src + k * map), w * sizeof(float), w * sizeof(float), 1, 1);
       }
     }
     for (int64_t c = 0; c < w8; c += kLanes) {
@@ -220,7 +211,8 @@ void sample_targets(const ImageTargets& img, const BlockTaps& bt, int64_t points
   for (int64_t j = 0; j < img.n; ++j) {
     const int64_t base = j * img.H * img.W;
     if (next.first <= next.last) {
-      prefetch_rows(static_cast<const char*>(img.masks) + base * kBytes, img.W * kBytes, next.first, next.last);
+      prefetch_rows(static_cast<const char*>(img.masks) + base * kBytes, img.W * kBytes, img.W * kBytes, next.first,
+                    next.last);
     }
     float s = 0.f;
     for (int64_t p = 0; p < points; ++p) {
